@@ -1,0 +1,348 @@
+"""TrainingLoop: event sequences (normal and every cancel action at every event in its scope),
+errors, bad input, and the absence of host synchronisation in the per-batch path."""
+import math
+
+import pytest
+import torch
+
+from trainloop_nb import core
+from trainloop_nb.core import (Callback, CancelBatch, CancelEpoch, CancelFit, CancelTraining, CancelValidation)
+from trainloop_nb.data import TrainingEpochs, ValidationBatches
+from trainloop_nb.loop import TrainingLoop
+
+EPOCHS, TRAIN_BATCHES, VALID_BATCHES = 2, 3, 2
+
+
+def make_loop(callbacks=(), validation=True, defaults=False, train_batches=TRAIN_BATCHES, metrics=()):
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(8 * train_batches, 4, generator=g), torch.randint(0, 3, (8 * train_batches,), generator=g)
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    valid = ValidationBatches((x[:12], y[:12]), batch_size=6) if validation else None  # 2 batches
+    loop = TrainingLoop(TrainingEpochs((x, y), batch_size=8), valid, torch.optim.SGD(model.parameters(), lr=0.1),
+                        metrics=metrics, callbacks=list(callbacks), include_default_callbacks=defaults)
+    return loop, model
+
+
+class Recorder(Callback):
+    """Records every event as (event, epoch_index, phase, batch_index) and raises `cancel` once at `at`."""
+    order = -100  # sees each event first, so it records the event it raises at
+
+    def __init__(self, cancel=None, at=None):
+        self.cancel, self.at, self.events, self.steps_at_raise = cancel, at, [], None
+    def _record(self, loop, event):
+        phase = loop.phase if event not in ("fit_start", "fit_end", "epoch_start", "epoch_end") else None
+        batch = loop.batch_index if event in ("batch_start", "update_start", "inference_prediction_end", "batch_end") else None
+        key = (event, loop.epoch_index, phase, batch)
+        self.events.append(key)
+        if self.cancel is not None and key == self.at:
+            cancel, self.cancel = self.cancel, None
+            raise cancel()
+
+for _event in core.Event:
+    setattr(Recorder, _event.value, (lambda e: lambda self, loop: self._record(loop, e))(_event.value))
+
+
+# --- the oracle: the design contract's semantics, written as a walk over the nested scopes ---------
+def expected_events(epochs, train_batches, valid_batches, cancel=None, at=None):
+    out, pending, steps = [], [cancel], [0]
+
+    def emit(key):
+        out.append(key)
+        if pending[0] is not None and key == at:
+            exc, pending[0] = pending[0], None
+            raise exc()
+
+    def scope(start, body, end, exc):
+        try:
+            if start: emit(start)
+            body()
+        except exc: pass
+        try: emit(end)
+        except exc: pass
+
+    def batch(epoch, phase, b):
+        def body():
+            emit(("batch_start", epoch, phase, b))
+            if phase == "training":
+                emit(("update_start", epoch, phase, b)); steps[0] += 1
+            else:
+                emit(("inference_prediction_end", epoch, phase, b))
+        scope(None, body, ("batch_end", epoch, phase, b), CancelBatch)
+
+    def phase(epoch, name, n, start, end, exc):
+        scope((start, epoch, name, None), lambda: [batch(epoch, name, b) for b in range(n)], (end, epoch, name, None), exc)
+
+    def epoch(e):
+        def body():
+            phase(e, "training", train_batches, "training_start", "training_end", CancelTraining)
+            phase(e, "validation", valid_batches, "validation_start", "validation_end", CancelValidation)
+        scope(("epoch_start", e, None, None), body, ("epoch_end", e, None, None), CancelEpoch)
+
+    scope(("fit_start", 0, None, None), lambda: [epoch(e) for e in range(epochs)], ("fit_end", None, None, None), CancelFit)
+    return out, steps[0]
+
+
+def normalise(events, epochs):
+    # the oracle does not track which epoch fit_end comes after
+    return [(e, ep if e != "fit_end" else None, ph, b) for e, ep, ph, b in events]
+
+
+def test_full_fit_event_sequence_is_exact():
+    rec = Recorder()
+    loop, model = make_loop([rec])
+    loop.fit(model, epochs=EPOCHS)
+    want, steps = expected_events(EPOCHS, TRAIN_BATCHES, VALID_BATCHES)
+    assert normalise(rec.events, EPOCHS) == normalise(want, EPOCHS)
+    assert loop.step == steps == EPOCHS * TRAIN_BATCHES
+    # and literally, for the first epoch's training phase
+    names = [e for e, *_ in rec.events]
+    assert names[:6] == ["fit_start", "epoch_start", "training_start", "batch_start", "update_start", "batch_end"]
+    assert names[-3:] == ["validation_end", "epoch_end", "fit_end"]
+
+
+SCOPES = {
+    CancelBatch: [("batch_start", "training"), ("update_start", "training"), ("batch_end", "training"),
+                  ("batch_start", "validation"), ("inference_prediction_end", "validation"), ("batch_end", "validation")],
+    CancelTraining: [("training_start", "training"), ("batch_start", "training"), ("update_start", "training"),
+                     ("batch_end", "training"), ("training_end", "training")],
+    CancelValidation: [("validation_start", "validation"), ("batch_start", "validation"),
+                       ("inference_prediction_end", "validation"), ("batch_end", "validation"), ("validation_end", "validation")],
+    CancelEpoch: [("epoch_start", None), ("training_start", "training"), ("batch_start", "training"),
+                  ("update_start", "training"), ("batch_end", "training"), ("training_end", "training"),
+                  ("validation_start", "validation"), ("batch_start", "validation"),
+                  ("inference_prediction_end", "validation"), ("batch_end", "validation"),
+                  ("validation_end", "validation"), ("epoch_end", None)],
+}
+SCOPES[CancelFit] = [("fit_start", None)] + SCOPES[CancelEpoch] + [("fit_end", None)]
+
+CASES = [(cancel, event, phase, epoch, batch)
+         for cancel, points in SCOPES.items() for event, phase in points
+         for epoch in (0, 1) for batch in ((1,) if event in ("batch_start", "update_start", "batch_end",
+                                                              "inference_prediction_end") else (None,))
+         if not (event in ("fit_start", "fit_end") and epoch == 1)]
+
+
+@pytest.mark.parametrize("cancel,event,phase,epoch,batch", CASES,
+                         ids=[f"{c.__name__}-{e}-{p}-e{ep}" for c, e, p, ep, _ in CASES])
+def test_cancel_sequences_match_the_contract(cancel, event, phase, epoch, batch):
+    if event == "fit_end": epoch = EPOCHS - 1
+    at = (event, epoch, phase, batch)
+    rec = Recorder(cancel, at)
+    loop, model = make_loop([rec])
+    loop.fit(model, epochs=EPOCHS)
+    assert rec.cancel is None, f"the test never reached {at}"
+    want, steps = expected_events(EPOCHS, TRAIN_BATCHES, VALID_BATCHES, cancel, at)
+    assert normalise(rec.events, EPOCHS) == normalise(want, EPOCHS)
+    assert loop.step == steps
+    assert loop.exception is None
+
+
+def test_cancelled_training_batch_makes_no_optimizer_step():
+    class CancelAll(Callback):
+        def update_start(self, loop): raise CancelBatch()
+    loop, model = make_loop([CancelAll()])
+    before = [p.detach().clone() for p in model.parameters()]
+    loop.fit(model, epochs=1)
+    assert loop.step == 0
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_cancel_outside_its_scope_is_an_error():
+    class Misplaced(Callback):
+        def epoch_start(self, loop): raise CancelBatch()
+    loop, model = make_loop([Misplaced()])
+    with pytest.raises(CancelBatch):
+        loop.fit(model, epochs=1)
+
+
+# --- errors: fit_end always fires, the error comes back unchanged and names its origin --------------
+@pytest.mark.parametrize("error_type", [RuntimeError, KeyboardInterrupt])
+def test_fit_end_fires_after_an_error_and_the_error_is_reraised(error_type):
+    raised = error_type("stop here")
+    class Boom(Callback):
+        def batch_end(self, loop):
+            if loop.step == 2: raise raised
+    seen = []
+    def at_fit_end(loop, event):
+        if event == "fit_end": seen.append(loop.exception)
+    loop, model = make_loop([Boom(), at_fit_end])
+    with pytest.raises(error_type) as info:
+        loop.fit(model, epochs=EPOCHS)
+    assert info.value is raised and seen == [raised]
+    assert info.traceback[-1].name == "batch_end"  # traceback still ends where it was raised
+    if error_type is RuntimeError:
+        assert info.value.__notes__ == ["raised in callback Boom at event batch_end"]
+
+
+def test_error_in_function_callback_is_named():
+    def picky(loop, event):
+        if event == "update_start": raise ValueError("bad")
+    loop, model = make_loop([picky])
+    with pytest.raises(ValueError) as info:
+        loop.fit(model, epochs=1)
+    assert "raised in callback" in info.value.__notes__[0] and "picky" in info.value.__notes__[0]
+    assert "update_start" in info.value.__notes__[0]
+
+
+def test_error_in_model_keeps_weights_and_fires_fit_end():
+    class Bad(torch.nn.Module):
+        def __init__(self):
+            super().__init__(); self.lin = torch.nn.Linear(4, 3); self.calls = 0
+        def forward(self, x):
+            self.calls += 1
+            if self.calls == 3: raise RuntimeError("forward failed")
+            return self.lin(x)
+    model = Bad()
+    ended = []
+    loop, _ = make_loop([lambda loop, e: ended.append(e) if e == "fit_end" else None])
+    loop.optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(RuntimeError, match="forward failed"):
+        loop.fit(model, epochs=1)
+    assert ended == ["fit_end"] and loop.step == 2
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+# --- bad input: clear errors before any training -------------------------------------------------
+def fails_before_training(make, match, exc=ValueError):
+    events = []
+    with pytest.raises(exc, match=match):
+        make(lambda loop, e: events.append(e))
+    return events
+
+
+def test_unknown_metric_name():
+    with pytest.raises(ValueError, match="unknown metric 'acuracy'.*accuracy"):
+        make_loop(metrics=["acuracy"])
+
+
+def test_epochs_below_one():
+    loop, model = make_loop()
+    for bad in (0, -1, 1.5, "2"):
+        with pytest.raises(ValueError, match="epochs must be a whole number of at least 1"):
+            loop.fit(model, epochs=bad)
+
+
+def test_model_without_parameters():
+    loop, _ = make_loop()
+    with pytest.raises(ValueError, match="has no parameters"):
+        loop.fit(torch.nn.ReLU(), epochs=1)
+
+
+def test_optimizer_of_another_model():
+    loop, _ = make_loop()
+    with pytest.raises(ValueError, match="optimizer holds none of this model's parameters"):
+        loop.fit(torch.nn.Linear(4, 3), epochs=1)
+
+
+def test_empty_training_set():
+    model = torch.nn.Linear(4, 3)
+    events = []
+    loop = TrainingLoop([], None, torch.optim.SGD(model.parameters(), lr=0.1), callbacks=[lambda l, e: events.append(e)])
+    with pytest.raises(ValueError, match="training data is empty"):
+        loop.fit(model, epochs=1)
+    assert events == []  # nothing ran
+
+
+def test_empty_unsized_training_set():
+    model = torch.nn.Linear(4, 3)
+    loop = TrainingLoop((b for b in []), None, torch.optim.SGD(model.parameters(), lr=0.1), include_default_callbacks=False)
+    with pytest.raises(ValueError, match="produced no batches"):
+        loop.fit(model, epochs=1)
+
+
+def test_batch_that_is_not_a_pair():
+    model = torch.nn.Linear(4, 3)
+    loop = TrainingLoop([torch.zeros(2, 4)], None, torch.optim.SGD(model.parameters(), lr=0.1), include_default_callbacks=False)
+    with pytest.raises(TypeError, match=r"pair \(input, target\).*single tensor of shape \(2, 4\)"):
+        loop.fit(model, epochs=1)
+
+
+def test_loss_that_is_not_a_scalar():
+    model = torch.nn.Linear(4, 3)
+    loop = TrainingLoop([(torch.zeros(2, 4), torch.zeros(2, 3))], None, torch.optim.SGD(model.parameters(), lr=0.1),
+                        loss_func=lambda o, t: (o - t) ** 2, include_default_callbacks=False)
+    with pytest.raises(ValueError, match=r"scalar tensor, but returned \(2, 3\)"):
+        loop.fit(model, epochs=1)
+
+
+# --- callbacks given to fit, ordering, defaults ---------------------------------------------------
+def test_fit_callbacks_apply_to_that_call_only_and_order_sorts_stably():
+    calls = []
+    class A(Callback):
+        def fit_start(self, loop): calls.append("A")
+    class B(Callback):
+        order = -1
+        def fit_start(self, loop): calls.append("B")
+    loop, model = make_loop([A()])
+    loop.fit(model, epochs=1, callbacks=[B(), lambda l, e: calls.append("f") if e == "fit_start" else None])
+    assert calls == ["B", "A", "f"]
+    calls.clear()
+    loop.fit(model, epochs=1)
+    assert calls == ["A"]
+
+
+def test_default_callbacks_and_history():
+    loop, model = make_loop(defaults=True, metrics=["accuracy"])
+    names = [type(cb).__name__ for cb in loop.callbacks]
+    assert names[:2] == ["Statistics", "ProgressPrinter"]
+    history = loop.fit(model, epochs=2)
+    assert [set(h) for h in history] == [{"epoch", "train_loss", "train_accuracy", "valid_loss", "valid_accuracy", "time"}] * 2
+
+
+def test_disabling_a_callback_rebuilds_dispatch():
+    seen = []
+    class Count(Callback):
+        def batch_end(self, loop):
+            seen.append(loop.step)
+            if loop.step == 2: loop.set_enabled(self, False)
+    cb = Count()
+    loop, model = make_loop([cb])
+    loop.fit(model, epochs=1)
+    assert seen == [1, 2] and not loop.is_enabled(cb)
+
+
+# --- exact metrics through the loop, against scikit-learn --------------------------------------------
+def test_loop_metrics_equal_sklearn_over_the_phase():
+    from sklearn.metrics import accuracy_score, matthews_corrcoef, top_k_accuracy_score
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(103, 6, generator=g), torch.randint(0, 7, (103,), generator=g)
+    torch.manual_seed(0)
+    model = torch.nn.Linear(6, 7)
+    loop = TrainingLoop(TrainingEpochs((x, y), batch_size=16), ValidationBatches((x, y), batch_size=10),
+                        torch.optim.SGD(model.parameters(), lr=0.05), metrics=["accuracy", "top5_accuracy", "mcc", "perplexity"],
+                        callbacks=[], include_default_callbacks=True)
+    loop.fit(model, epochs=1)
+    with torch.no_grad():
+        out = model(x)
+    h = loop.history[-1]
+    pred = out.argmax(1)
+    assert math.isclose(h["valid_accuracy"], accuracy_score(y, pred))
+    assert math.isclose(h["valid_top5_accuracy"], top_k_accuracy_score(y, out, k=5, labels=range(7)))
+    assert math.isclose(h["valid_mcc"], matthews_corrcoef(y, pred), abs_tol=1e-12)
+    ce = torch.nn.functional.cross_entropy(out.double(), y).item()
+    assert math.isclose(h["valid_loss"], ce, rel_tol=1e-5)
+    assert math.isclose(h["valid_perplexity"], math.exp(ce), rel_tol=1e-5)
+
+
+# --- no host synchronisation per batch ---------------------------------------------------------------
+def count_syncs(monkeypatch, train_batches):
+    count = [0]
+    for name in ("item", "tolist", "__float__", "__int__", "__bool__"):
+        original = getattr(torch.Tensor, name)
+        def counting(self, *a, _original=original, **k):
+            count[0] += 1
+            return _original(self, *a, **k)
+        monkeypatch.setattr(torch.Tensor, name, counting)
+    from trainloop_nb.progress import ProgressPrinter
+    import io
+    loop, model = make_loop([ProgressPrinter(mode="plain", file=io.StringIO())], defaults=True,
+                            train_batches=train_batches, metrics=["accuracy", "top5_accuracy", "mcc", "perplexity"])
+    loop.fit(model, epochs=2)
+    monkeypatch.undo()
+    return count[0]
+
+
+def test_per_batch_path_reads_nothing_back_from_the_device(monkeypatch):
+    # The syncs are per phase (reading the metrics at the phase's end), so they do not grow with the data.
+    assert count_syncs(monkeypatch, train_batches=3) == count_syncs(monkeypatch, train_batches=12)
