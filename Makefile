@@ -1,0 +1,56 @@
+# Two commands do all the set-up on a fresh machine: `make demo` and `make test`.
+# Both create .venv if it is missing and install the package into it (editable, from settings.ini).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# Re-install whenever the requirements change (settings.ini is the one place they live).
+REQS := $(shell sha1sum settings.ini setup.py | sha1sum | cut -c1-12)
+INSTALLED := $(VENV)/.installed-$(REQS)
+DEV_INSTALLED := $(VENV)/.installed-dev-$(REQS)
+
+.PHONY: demo test check-sync readme docs benchmark clean-venv browser-deps
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(INSTALLED): | $(BIN)/python
+	$(BIN)/python -m pip install --upgrade --quiet pip
+	$(BIN)/python -m pip install --quiet -e .
+	touch $@
+
+$(DEV_INSTALLED): | $(BIN)/python
+	$(BIN)/python -m pip install --upgrade --quiet pip
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	$(BIN)/python -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (trainloop_nb)" >/dev/null
+	touch $@ $(INSTALLED)
+
+demo: $(INSTALLED)
+	$(BIN)/trainloop-demo --epochs 15 --device cpu
+
+# Every check; fails on the first that fails.
+test: $(DEV_INSTALLED) browser-deps
+	bash tools/check_sync.sh
+	$(BIN)/python tools/readme.py --check
+	$(BIN)/nbdev_test --n_workers 2
+	$(BIN)/python -m pytest tests -q
+
+# The browser tests drive Debian's Chromium (Playwright cannot download its own browsers here).
+browser-deps:
+	@command -v chromium >/dev/null || { \
+	  SUDO=$$( [ "$$(id -u)" -eq 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -q && $$SUDO apt-get install -y -q chromium; }
+
+# The notebooks must be clean and the library exported from them.
+check-sync: $(DEV_INSTALLED)
+	bash tools/check_sync.sh
+
+# README.md is generated from nbs/index.ipynb (Quarto, which nbdev_readme needs, is not available).
+readme: $(DEV_INSTALLED)
+	$(BIN)/python tools/readme.py
+
+benchmark: $(INSTALLED)
+	$(BIN)/python benchmarks/overhead.py
+
+clean-venv:
+	rm -rf $(VENV)
