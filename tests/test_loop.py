@@ -346,3 +346,13 @@ def count_syncs(monkeypatch, train_batches):
 def test_per_batch_path_reads_nothing_back_from_the_device(monkeypatch):
     # The syncs are per phase (reading the metrics at the phase's end), so they do not grow with the data.
     assert count_syncs(monkeypatch, train_batches=3) == count_syncs(monkeypatch, train_batches=12)
+
+
+def test_state_is_fresh_at_fit_start_of_a_second_fit():
+    seen = []
+    def probe(loop, event):
+        if event == "fit_start": seen.append((loop.batch_count, loop.batch_index, loop.phase, loop.epoch_index, loop.step))
+    loop, model = make_loop([probe])
+    loop.fit(model, epochs=2)
+    loop.fit(model, epochs=1)
+    assert seen == [(TRAIN_BATCHES, 0, None, 0, 0)] * 2
