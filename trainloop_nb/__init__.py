@@ -6,15 +6,17 @@ __version__ = "0.1.0"
 # %% auto #0
 __all__ = []
 
-# %% ../nbs/99_package.ipynb #fb658cea
-from . import core, data, metrics, loop, progress, models, demo
+# %% ../nbs/99_package.ipynb #ccd53977
+from . import core, data, metrics, loop, progress, models, logging, schedule, demo
 from .core import *
 from .data import *
 from .metrics import *
 from .loop import *
 from .progress import *
 from .models import *
+from .logging import *
+from .schedule import *
 from .demo import *
 
 __all__ = [*core.__all__, *data.__all__, *metrics.__all__, *loop.__all__, *progress.__all__, *models.__all__,
-           *demo.__all__]
+           *logging.__all__, *schedule.__all__, *demo.__all__]
