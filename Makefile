@@ -29,7 +29,7 @@ demo: $(INSTALLED)
 	$(BIN)/trainloop-demo --epochs 15 --device cpu
 
 # Every check; fails on the first that fails.
-test: $(DEV_INSTALLED) browser-deps
+test: $(DEV_INSTALLED) browser-deps docs
 	bash tools/check_sync.sh
 	$(BIN)/python tools/readme.py --check
 	$(BIN)/nbdev_test --n_workers 2
@@ -48,6 +48,14 @@ check-sync: $(DEV_INSTALLED)
 # README.md is generated from nbs/index.ipynb (Quarto, which nbdev_readme needs, is not available).
 readme: $(DEV_INSTALLED)
 	$(BIN)/python tools/readme.py
+
+# Static HTML pages of every notebook, outputs and widgets included, in _docs/ (nbconvert; no Quarto).
+# The widget renderer is vendored from the npm registry so the pages work offline.
+docs: $(DEV_INSTALLED)
+	@command -v npm >/dev/null || { \
+	  SUDO=$$( [ "$$(id -u)" -eq 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -q && $$SUDO apt-get install -y -q npm; }
+	$(BIN)/python tools/render_docs.py
 
 benchmark: $(INSTALLED)
 	$(BIN)/python benchmarks/overhead.py

@@ -6,8 +6,8 @@ __version__ = "0.1.0"
 # %% auto #0
 __all__ = []
 
-# %% ../nbs/99_package.ipynb #ccd53977
-from . import core, data, metrics, loop, progress, models, logging, schedule, demo
+# %% ../nbs/99_package.ipynb #d8a88d12
+from . import core, data, metrics, loop, progress, models, logging, schedule, inspector, charts, demo
 from .core import *
 from .data import *
 from .metrics import *
@@ -16,7 +16,9 @@ from .progress import *
 from .models import *
 from .logging import *
 from .schedule import *
+from .inspector import *
+from .charts import *
 from .demo import *
 
 __all__ = [*core.__all__, *data.__all__, *metrics.__all__, *loop.__all__, *progress.__all__, *models.__all__,
-           *logging.__all__, *schedule.__all__, *demo.__all__]
+           *logging.__all__, *schedule.__all__, *inspector.__all__, *charts.__all__, *demo.__all__]
