@@ -4,7 +4,7 @@ The same model, data, seed and optimizer are trained by both, alternating runs, 
 Prints steps per second of each, the ratio loop/raw (median of the per-pair ratios), and whether
 the final weights are bitwise identical to the raw loop's (they must be, on the CPU).
 
-    .venv/bin/python benchmarks/overhead.py [--repeats 7] [--epochs 3] [--device cpu] [--extra-callback inspector]
+    .venv/bin/python benchmarks/overhead.py [--repeats 7] [--epochs 3] [--device cpu]
 """
 import argparse
 import io
@@ -52,10 +52,10 @@ def raw_loop(model, batches, epochs, device):
     return steps
 
 
-def loop_fit(model, batches, epochs, device, extra=()):
+def loop_fit(model, batches, epochs, device):
     "TrainingLoop with its default callbacks (statistics and the progress printer, writing plain lines)."
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    loop = TrainingLoop(batches, None, opt, callbacks=[ProgressPrinter(mode="plain", file=io.StringIO()), *extra])
+    loop = TrainingLoop(batches, None, opt, callbacks=[ProgressPrinter(mode="plain", file=io.StringIO())])
     loop.fit(model, epochs=epochs, device=device)
     return loop.step
 
@@ -66,20 +66,12 @@ def main():
     p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--extra-callback", choices=["none", "inspector"], default="none",
-                   help="add a callback to the loop's runs (to measure its cost)")
     args = p.parse_args()
     device = torch.device(args.device)
     x, y = make_data()
     batches = TrainingEpochs((x, y), batch_size=args.batch_size, seed=0)
     # Both loops see exactly the same batches: a fixed list of the first epochs' batches, re-used.
     fixed = [(bx.to(device), by.to(device)) for bx, by in batches]
-
-    def extra():
-        if args.extra_callback == "inspector":
-            from trainloop_nb.inspector import CallbackInspector
-            return [CallbackInspector()]
-        return []
 
     def timed(fn):
         model = make_model()
@@ -90,11 +82,11 @@ def main():
         return steps / (time.perf_counter() - start), model
 
     # warm-up (allocator, kernels, first-call overheads)
-    timed(lambda m: raw_loop(m, fixed, 1, device)); timed(lambda m: loop_fit(m, fixed, 1, device, extra()))
+    timed(lambda m: raw_loop(m, fixed, 1, device)); timed(lambda m: loop_fit(m, fixed, 1, device))
     raw_rates, loop_rates, ratios, all_identical = [], [], [], True
     for r in range(args.repeats):
         order = [("raw", lambda m: raw_loop(m, fixed, args.epochs, device)),
-                 ("loop", lambda m: loop_fit(m, fixed, args.epochs, device, extra()))]
+                 ("loop", lambda m: loop_fit(m, fixed, args.epochs, device))]
         if r % 2: order.reverse()  # alternate which goes first
         results = {name: timed(fn) for name, fn in order}
         raw_rates.append(results["raw"][0]); loop_rates.append(results["loop"][0])
@@ -105,8 +97,7 @@ def main():
         print(f"repeat {r + 1}: raw {results['raw'][0]:8.1f} steps/s   loop {results['loop'][0]:8.1f} steps/s   "
               f"ratio {ratios[-1]:.3f}   weights identical: {identical}")
     print(f"\ndevice {device}, MLP 784-128-10, batch {args.batch_size}, {len(fixed)} steps/epoch x {args.epochs} epochs, "
-          f"{args.repeats} alternating repeats, torch {torch.__version__}, {torch.get_num_threads()} threads"
-          + (f", loop with {args.extra_callback}" if args.extra_callback != "none" else ""))
+          f"{args.repeats} alternating repeats, torch {torch.__version__}, {torch.get_num_threads()} threads")
     print(f"raw loop:      median {statistics.median(raw_rates):8.1f} steps/s")
     print(f"TrainingLoop:  median {statistics.median(loop_rates):8.1f} steps/s")
     print(f"ratio loop/raw: median {statistics.median(ratios):.3f} (min {min(ratios):.3f}, max {max(ratios):.3f})")
