@@ -1,0 +1,130 @@
+"""Every metric against scikit-learn (or exp of the mean cross-entropy) on random data in uneven batches."""
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from sklearn.metrics import accuracy_score, matthews_corrcoef, top_k_accuracy_score
+
+from trainloop_nb.metrics import (Accuracy, Loss, MatthewsCorrelation, Perplexity, TopKAccuracy, TorchMetric,
+                                  make_metrics, matthews_from_confusion)
+
+# scikit-learn's own warnings about the edge cases tested on purpose (k >= classes, a single label)
+pytestmark = [pytest.mark.filterwarnings("ignore:'k' \\(5\\) greater than"),
+              pytest.mark.filterwarnings("ignore:A single label was found")]
+
+UNEVEN = [1, 7, 64, 3, 50, 128, 2]  # batch sizes, the last batch short as in real validation sets
+
+
+def batches(n_total, sizes=UNEVEN):
+    edges = np.cumsum(sizes)[:-1]
+    assert sum(sizes) == n_total
+    return torch.tensor_split(torch.arange(n_total), torch.tensor(edges))
+
+
+def run(metrics, output, target, loss_func):
+    for m in metrics: m.reset()
+    for idx in batches(len(target)):
+        out, tgt = output[idx], target[idx]
+        loss = loss_func(out, tgt)
+        for m in metrics: m.update(out, tgt, loss)
+    return [m.compute() for m in metrics]
+
+
+@pytest.mark.parametrize("seed", range(5))
+@pytest.mark.parametrize("classes", [3, 10])
+def test_multiclass_metrics_equal_sklearn(seed, classes):
+    g = torch.Generator().manual_seed(seed)
+    n = sum(UNEVEN)
+    output = torch.randn(n, classes, generator=g)
+    target = torch.randint(0, classes, (n,), generator=g)
+    # make predictions better than chance so MCC is not near 0 by accident
+    output[torch.arange(n)[: n // 2], target[: n // 2]] += 2
+    acc, top5, mcc, loss = run([Accuracy(), TopKAccuracy(5), MatthewsCorrelation(), Loss()], output, target, F.cross_entropy)
+    pred = output.argmax(1).numpy()
+    assert acc == pytest.approx(accuracy_score(target, pred), abs=1e-12)
+    assert top5 == pytest.approx(top_k_accuracy_score(target, output.numpy(), k=5, labels=range(classes)), abs=1e-12)
+    assert mcc == pytest.approx(matthews_corrcoef(target, pred), abs=1e-12)
+    assert loss == pytest.approx(F.cross_entropy(output.double(), target).item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("seed", range(5))
+@pytest.mark.parametrize("shape", ["[N]", "[N, 1]"])
+def test_binary_metrics_equal_sklearn(seed, shape):
+    g = torch.Generator().manual_seed(seed)
+    n = sum(UNEVEN)
+    target = torch.randint(0, 2, (n,), generator=g)
+    logits = torch.randn(n, generator=g) + (target * 2 - 1) * 0.8
+    output = logits if shape == "[N]" else logits[:, None]
+    loss_func = lambda o, t: F.binary_cross_entropy_with_logits(o.reshape(-1), t.float())
+    acc, mcc = run([Accuracy(), MatthewsCorrelation()], output, target, loss_func)
+    pred = (logits >= 0).long().numpy()
+    assert acc == pytest.approx(accuracy_score(target, pred), abs=1e-12)
+    assert mcc == pytest.approx(matthews_corrcoef(target, pred), abs=1e-12)
+
+
+def test_binary_threshold_counts_zero_as_positive():
+    m = Accuracy()
+    m.update(torch.tensor([0.0, -0.0001]), torch.tensor([1, 0]), torch.tensor(0.0))
+    assert m.compute() == 1.0
+
+
+def test_mcc_is_zero_where_undefined_as_in_sklearn():
+    target = torch.tensor([1, 1, 1, 1])
+    m = MatthewsCorrelation()
+    m.update(torch.tensor([[0.0, 1.0]] * 4), target, torch.tensor(0.0))
+    assert m.compute() == 0.0 == matthews_corrcoef(target, [1, 1, 1, 1])
+    assert math.isnan(MatthewsCorrelation().compute())  # nothing seen yet
+
+
+def test_mcc_from_a_known_confusion_matrix():
+    # rows true, columns predicted; sklearn from the expanded labels
+    c = torch.tensor([[5, 1, 0], [2, 3, 1], [0, 2, 6]])
+    y_true = np.repeat([0, 0, 0, 1, 1, 1, 2, 2, 2], c.flatten().numpy())
+    y_pred = np.repeat([0, 1, 2, 0, 1, 2, 0, 1, 2], c.flatten().numpy())
+    assert matthews_from_confusion(c) == pytest.approx(matthews_corrcoef(y_true, y_pred), abs=1e-12)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_perplexity_is_exp_of_token_weighted_mean_cross_entropy(seed):
+    g = torch.Generator().manual_seed(seed)
+    sizes = [3, 1, 4, 2]  # sequences per batch
+    n, t, v = sum(sizes), 7, 11
+    output, target = torch.randn(n, t, v, generator=g), torch.randint(0, v, (n, t), generator=g)
+    ppl, acc = Perplexity(), Accuracy()
+    for idx in torch.tensor_split(torch.arange(n), torch.tensor(np.cumsum(sizes)[:-1])):
+        loss = F.cross_entropy(output[idx].reshape(-1, v), target[idx].reshape(-1))
+        ppl.update(output[idx], target[idx], loss); acc.update(output[idx], target[idx], loss)
+    expected = math.exp(F.cross_entropy(output.reshape(-1, v).double(), target.reshape(-1)).item())
+    assert ppl.compute() == pytest.approx(expected, rel=1e-6)
+    assert acc.compute() == pytest.approx(accuracy_score(target.reshape(-1), output.argmax(-1).reshape(-1)), abs=1e-12)
+
+
+def test_reset_starts_a_new_phase():
+    m = Accuracy()
+    m.update(torch.tensor([[1.0, 0.0]]), torch.tensor([0]), torch.tensor(0.0))
+    m.reset()
+    m.update(torch.tensor([[1.0, 0.0]]), torch.tensor([1]), torch.tensor(0.0))
+    assert m.compute() == 0.0
+
+
+def test_torchmetrics_objects_are_accepted():
+    torchmetrics = pytest.importorskip("torchmetrics")
+    (loss, tm), = [make_metrics([torchmetrics.classification.MulticlassAccuracy(num_classes=4, average="micro")])]
+    g = torch.Generator().manual_seed(0)
+    output, target = torch.randn(255, 4, generator=g), torch.randint(0, 4, (255,), generator=g)
+    (value,) = run([tm], output, target, F.cross_entropy)
+    assert isinstance(tm, TorchMetric) and tm.name == "multiclass_accuracy"
+    assert value == pytest.approx(accuracy_score(target, output.argmax(1)), abs=1e-6)
+
+
+def test_bad_metric_inputs_say_what_to_do():
+    with pytest.raises(ValueError, match="valid names are: .*accuracy.*mcc"):
+        make_metrics(["f1"])
+    with pytest.raises(ValueError, match="unique"):
+        make_metrics([Accuracy(), "accuracy"])
+    with pytest.raises(ValueError, match="use 'accuracy' for binary"):
+        TopKAccuracy(5).update(torch.zeros(3), torch.zeros(3), torch.tensor(0.0))
+    with pytest.raises(ValueError, match="target has 6 values but the output gives 3 predictions"):
+        Accuracy().update(torch.zeros(3, 4), torch.zeros(3, 2), torch.tensor(0.0))
