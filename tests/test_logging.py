@@ -295,14 +295,14 @@ def test_tensorboard_batch_metrics_are_each_batch_own_values(tmp_path):
     def own_accuracy(loop, event):
         if event == "batch_end" and loop.phase == "training":
             values[loop.step] = (loop.last_step_output.argmax(1) == loop.last_step_target).float().mean().item()
-    logger = TensorBoardLogger(tmp_path / "tb", batch_metrics=True)
+    logger = TensorBoardLogger(tmp_path / "tb")  # per-step metrics are on by default
     loop, model = make_loop([logger, own_accuracy], validation=False)
     loop.fit(model, epochs=2, device="cpu")
     logged = scalars(logger.run_dir / "train", "batch_accuracy")
     assert [s for s, _ in logged] == list(range(1, loop.step + 1))
     assert [v for _, v in logged] == pytest.approx([values[s] for s, _ in logged])
     assert scalars(logger.run_dir / "train", "batch_loss") != []
-    plain = TensorBoardLogger(tmp_path / "plain")
+    plain = TensorBoardLogger(tmp_path / "plain", batch_metrics=False)
     plain_loop, plain_model = make_loop([plain], validation=False)
     plain_loop.fit(plain_model, device="cpu")
     assert scalars(plain.run_dir / "train", "batch_accuracy") == []
@@ -312,3 +312,35 @@ def test_tensorboard_arguments_and_missing_package(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="flush_secs"): TensorBoardLogger(tmp_path, flush_secs=0)
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as if tensorboard were not installed
     with pytest.raises(ImportError, match="pip install tensorboard"): TensorBoardLogger(tmp_path)
+
+
+def test_tensorboard_per_step_metrics_match_sklearn_and_cost_no_per_step_sync(tmp_path, monkeypatch):
+    from sklearn.metrics import matthews_corrcoef
+    per_step = {}
+    def own(loop, event):
+        if event == "batch_end" and loop.phase == "training":
+            out, tgt = loop.last_step_output.argmax(1), loop.last_step_target
+            per_step[loop.step] = matthews_corrcoef(tgt.numpy(), out.numpy())
+    logger = TensorBoardLogger(tmp_path / "tb", flush_secs=3600)
+    loop, model = make_loop([logger, own], metrics=("accuracy", "mcc"), validation=False)
+    loop.fit(model, epochs=2, device="cpu")
+    logged = scalars(logger.run_dir / "train", "batch_mcc")
+    assert [s for s, _ in logged] == sorted(per_step)
+    assert [v for _, v in logged] == pytest.approx([per_step[s] for s, _ in logged], abs=1e-6)
+
+    def syncs(epochs):
+        count = [0]
+        for name in ("item", "tolist", "__float__"):
+            original = getattr(torch.Tensor, name)
+            def counting(self, *a, _original=original, **k):
+                count[0] += 1
+                return _original(self, *a, **k)
+            monkeypatch.setattr(torch.Tensor, name, counting)
+        lg = TensorBoardLogger(tmp_path / f"sync{epochs}", flush_secs=3600)
+        lp, md = make_loop([lg], metrics=("accuracy", "mcc"), validation=False)
+        lp.fit(md, epochs=epochs, device="cpu")
+        monkeypatch.undo()
+        return count[0], lp.step
+    (one, steps1), (three, steps3) = syncs(1), syncs(3)
+    # reads happen per phase and per flush, never per step: 3 epochs cost 3 times 1 epoch's reads
+    assert steps3 == 3 * steps1 and three == 3 * one and one < steps1
