@@ -18,6 +18,8 @@ from trainloop_nb.logging import CSVLogger, TensorBoardLogger
 from trainloop_nb.loop import TrainingLoop
 from trainloop_nb.progress import ProgressPrinter
 
+from host_reads import count_host_reads
+
 TRAIN_BATCHES, VALID_BATCHES = 5, 3  # 160 samples in batches of 32; 70 in batches of 32 (the last one short)
 
 
@@ -314,7 +316,7 @@ def test_tensorboard_arguments_and_missing_package(tmp_path, monkeypatch):
     with pytest.raises(ImportError, match="pip install tensorboard"): TensorBoardLogger(tmp_path)
 
 
-def test_tensorboard_per_step_metrics_match_sklearn_and_cost_no_per_step_sync(tmp_path, monkeypatch):
+def test_tensorboard_per_step_metrics_match_sklearn_and_cost_no_per_step_sync(tmp_path):
     from sklearn.metrics import matthews_corrcoef
     per_step = {}
     def own(loop, event):
@@ -329,17 +331,10 @@ def test_tensorboard_per_step_metrics_match_sklearn_and_cost_no_per_step_sync(tm
     assert [v for _, v in logged] == pytest.approx([per_step[s] for s, _ in logged], abs=1e-6)
 
     def syncs(epochs):
-        count = [0]
-        for name in ("item", "tolist", "__float__"):
-            original = getattr(torch.Tensor, name)
-            def counting(self, *a, _original=original, **k):
-                count[0] += 1
-                return _original(self, *a, **k)
-            monkeypatch.setattr(torch.Tensor, name, counting)
         lg = TensorBoardLogger(tmp_path / f"sync{epochs}", flush_secs=3600)
         lp, md = make_loop([lg], metrics=("accuracy", "mcc"), validation=False)
-        lp.fit(md, epochs=epochs, device="cpu")
-        monkeypatch.undo()
+        with count_host_reads() as count:
+            lp.fit(md, epochs=epochs, device="cpu")
         return count[0], lp.step
     (one, steps1), (three, steps3) = syncs(1), syncs(3)
     # reads happen per phase and per flush, never per step: 3 epochs cost 3 times 1 epoch's reads
