@@ -352,3 +352,15 @@ def test_state_is_fresh_at_fit_start_of_a_second_fit():
     loop.fit(model, epochs=2)
     loop.fit(model, epochs=1)
     assert seen == [(TRAIN_BATCHES, 0, None, 0, 0)] * 2
+
+
+def test_history_has_one_record_per_epoch_even_when_an_epoch_is_cancelled_before_statistics_sees_it():
+    class SkipFirst(Callback):
+        order = -100  # before Statistics
+        def epoch_start(self, loop):
+            if loop.epoch_index == 0: raise CancelEpoch()
+    loop, model = make_loop([SkipFirst()], defaults=True)
+    loop.fit(model, epochs=2)
+    assert [h["epoch"] for h in loop.history] == [1, 2]
+    assert set(loop.history[0]) == {"epoch", "time"} and "train_loss" in loop.history[1]
+    assert loop.history[0] is not loop.history[1]
