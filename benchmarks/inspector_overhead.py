@@ -18,9 +18,9 @@ import time
 import torch
 
 from trainloop_nb.data import TrainingEpochs
-from trainloop_nb.inspector import CallbackInspector
+from trainloop_nb.callbacks.inspector import CallbackInspector
 from trainloop_nb.loop import TrainingLoop
-from trainloop_nb.progress import ProgressPrinter
+from trainloop_nb.callbacks.progress import ProgressPrinter
 
 
 def make_model(seed=0, hidden=128):

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from trainloop_nb.data import TrainingEpochs
 from trainloop_nb.loop import TrainingLoop
 from trainloop_nb.models import MLP
-from trainloop_nb.progress import ProgressPrinter
+from trainloop_nb.callbacks.progress import ProgressPrinter
 
 
 def make_data(samples=8192, seed=0):

@@ -10,11 +10,11 @@ import matplotlib.image
 import pytest
 import torch
 
-from trainloop_nb.charts import LiveLossPlot
+from trainloop_nb.callbacks.charts import LiveLossPlot
 from trainloop_nb.core import Callback, CancelBatch
 from trainloop_nb.data import TrainingEpochs, ValidationBatches
 from trainloop_nb.loop import TrainingLoop
-from trainloop_nb.progress import ProgressPrinter
+from trainloop_nb.callbacks.progress import ProgressPrinter
 
 TRAIN_BATCHES = 8  # 256 samples in batches of 32
 
@@ -166,8 +166,8 @@ def test_bad_arguments():
 
 SCRIPT = """
 import sys, io, torch
-import trainloop_nb.charts
-from trainloop_nb.charts import LiveLossPlot
+import trainloop_nb.callbacks.charts
+from trainloop_nb.callbacks.charts import LiveLossPlot
 from trainloop_nb.data import TrainingEpochs
 from trainloop_nb.loop import TrainingLoop
 x = torch.randn(64, 4); y = (x[:, 0] > 0).long(); model = torch.nn.Linear(4, 2)

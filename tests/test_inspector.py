@@ -11,9 +11,9 @@ import torch
 
 from trainloop_nb.core import Callback, CancelBatch, Event
 from trainloop_nb.data import TrainingEpochs, ValidationBatches
-from trainloop_nb.inspector import CallbackInspector, EventRecord, InspectorView, format_seconds
+from trainloop_nb.callbacks.inspector import CallbackInspector, EventRecord, InspectorView, format_seconds
 from trainloop_nb.loop import TrainingLoop
-from trainloop_nb.progress import ProgressPrinter
+from trainloop_nb.callbacks.progress import ProgressPrinter
 
 TRAIN_BATCHES, VALID_BATCHES = 6, 2  # 192 samples in batches of 32; 40 in batches of 32 (the last one short)
 EVENTS = [e.value for e in Event]
@@ -259,10 +259,10 @@ def test_widget_refreshes_are_throttled():
 def test_a_script_never_imports_ipywidgets():
     code = """
 import sys, io, torch
-from trainloop_nb.inspector import CallbackInspector
+from trainloop_nb.callbacks.inspector import CallbackInspector
 from trainloop_nb.data import TrainingEpochs
 from trainloop_nb.loop import TrainingLoop
-from trainloop_nb.progress import ProgressPrinter
+from trainloop_nb.callbacks.progress import ProgressPrinter
 x = torch.randn(64, 4); y = (x[:, 0] > 0).long(); model = torch.nn.Linear(4, 2)
 inspector = CallbackInspector()
 loop = TrainingLoop(TrainingEpochs((x, y), 16), None, torch.optim.SGD(model.parameters(), lr=0.1),

@@ -11,12 +11,12 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-import trainloop_nb.logging as tl_logging
+import trainloop_nb.callbacks.logging as tl_logging
 from trainloop_nb.core import Callback, CancelBatch
 from trainloop_nb.data import TrainingEpochs, ValidationBatches
-from trainloop_nb.logging import CSVLogger, TensorBoardLogger
+from trainloop_nb.callbacks.logging import CSVLogger, TensorBoardLogger
 from trainloop_nb.loop import TrainingLoop
-from trainloop_nb.progress import ProgressPrinter
+from trainloop_nb.callbacks.progress import ProgressPrinter
 
 from host_reads import count_host_reads
 

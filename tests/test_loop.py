@@ -330,7 +330,7 @@ def test_loop_metrics_equal_sklearn_over_the_phase():
 # --- no host synchronisation per batch ---------------------------------------------------------------
 def count_syncs(train_batches):
     import io
-    from trainloop_nb.progress import ProgressPrinter
+    from trainloop_nb.callbacks.progress import ProgressPrinter
     loop, model = make_loop([ProgressPrinter(mode="plain", file=io.StringIO())], defaults=True,
                             train_batches=train_batches, metrics=["accuracy", "top5_accuracy", "mcc", "perplexity"])
     with count_host_reads() as count:

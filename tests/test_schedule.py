@@ -13,7 +13,7 @@ import torch
 
 from trainloop_nb.core import Callback
 from trainloop_nb.loop import TrainingLoop, mean_squared_error
-from trainloop_nb.schedule import (LearningRateScheduler, Schedule, ScheduleFunction, ScheduleSegment, Shape,
+from trainloop_nb.callbacks.schedule import (LearningRateScheduler, Schedule, ScheduleFunction, ScheduleSegment, Shape,
                                    constant, cosine, exponential, linear, make_schedule, plot_schedule)
 
 PEAK = 0.1

@@ -12,12 +12,12 @@ from .core import *
 from .data import *
 from .metrics import *
 from .loop import *
-from .progress import *
+from .callbacks.progress import *
 from .models import *
-from .logging import *
-from .schedule import *
-from .inspector import *
-from .charts import *
+from .callbacks.logging import *
+from .callbacks.schedule import *
+from .callbacks.inspector import *
+from .callbacks.charts import *
 from .demo import *
 
 __all__ = [*core.__all__, *data.__all__, *metrics.__all__, *loop.__all__, *progress.__all__, *models.__all__,

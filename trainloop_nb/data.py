@@ -19,7 +19,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, IterableDataset, TensorDataset
 
 # %% auto #0
-__all__ = ['TrainingEpochs', 'ValidationBatches', 'Digits', 'MNIST', 'write_mnist', 'write_cifar10', 'CIFAR10']
+__all__ = ['TrainingEpochs', 'ValidationBatches', 'Digits', 'MNIST', 'CIFAR10']
 
 # %% ../nbs/01_data.ipynb #45851eb8
 def _tensors_of(dataset) -> tuple[Tensor, ...] | None:
@@ -221,88 +221,6 @@ class MNIST(_ImageSplits):
         if normalize: xs = [_normalize(x, _MNIST_MEAN, _MNIST_STD) for x in xs]
         self._set_splits(xs[0], train.targets[:limit].long(), xs[1], test.targets[:limit].long(),
                          list(train.classes), batch_size, seed)
-
-# %% ../nbs/01_data.ipynb #a8468ab6
-def _as_uint8(array, name: str) -> np.ndarray:
-    "`array` (tensor or array-like) as uint8; values a byte cannot hold are refused, not wrapped."
-    a = array.detach().cpu().numpy() if isinstance(array, Tensor) else np.asarray(array)
-    if a.dtype != np.uint8:
-        if a.size and not (np.isfinite(a).all() and a.min() >= 0 and a.max() <= 255 and (a == np.round(a)).all()):
-            raise ValueError(f"{name} must hold whole numbers from 0 to 255 (they are stored as bytes); got values "
-                             f"from {a.min()} to {a.max()} of type {a.dtype}; scale and round them first")
-        a = a.astype(np.uint8)
-    return a
-
-def _image_label_pairs(split: str, images, labels) -> tuple[np.ndarray, np.ndarray]:
-    images, labels = _as_uint8(images, f"{split} images"), _as_uint8(labels, f"{split} labels")
-    if labels.ndim != 1 or len(labels) != len(images):
-        raise ValueError(f"{split} labels must be one number per image: got shape {list(labels.shape)} "
-                         f"for {len(images)} images")
-    return images, labels
-
-def write_mnist(root: str | os.PathLike, train_images, train_labels, test_images, test_labels) -> Path:
-    "Write the four uncompressed MNIST idx files to `root/MNIST/raw`, as torchvision reads them; returns that folder."
-    splits = {"train": _image_label_pairs("train", train_images, train_labels),
-              "t10k": _image_label_pairs("test", test_images, test_labels)}
-    for images, _ in splits.values():
-        if images.ndim != 3: raise ValueError(f"images must be [n, rows, cols], got shape {list(images.shape)}")
-    raw = Path(root).expanduser() / "MNIST" / "raw"
-    raw.mkdir(parents=True, exist_ok=True)
-    for prefix, (images, labels) in splits.items():
-        (raw / f"{prefix}-images-idx3-ubyte").write_bytes(struct.pack(">4I", 2051, *images.shape) + images.tobytes())
-        (raw / f"{prefix}-labels-idx1-ubyte").write_bytes(struct.pack(">2I", 2049, len(labels)) + labels.tobytes())
-    return raw
-
-# %% ../nbs/01_data.ipynb #0110261b
-class _Py2Str(bytes):
-    "Bytes to be pickled as a Python 2 `str`, like the keys and strings of the official CIFAR files."
-
-class _Py2Pickler(pickle._Pickler):  # the pure-Python pickler: the C one takes no new opcodes
-    "A protocol 2 pickler that writes `_Py2Str` with the opcodes Python 2 used for its `str`."
-    dispatch = pickle._Pickler.dispatch.copy()
-
-    def save_py2_str(self, obj: _Py2Str) -> None:
-        if len(obj) < 256: self.write(pickle.SHORT_BINSTRING + bytes([len(obj)]) + obj)
-        else: self.write(pickle.BINSTRING + struct.pack("<i", len(obj)) + obj)
-        self.memoize(obj)
-    dispatch[_Py2Str] = save_py2_str
-
-def _py2(value):
-    "`value` with every `str` in it (keys too, inside dicts and lists) made a `_Py2Str`."
-    if isinstance(value, str): return _Py2Str(value.encode("latin1"))
-    if isinstance(value, dict): return {_py2(k): _py2(v) for k, v in value.items()}
-    if isinstance(value, list): return [_py2(v) for v in value]
-    return value
-
-def _write_py2_pickle(path: Path, obj: dict) -> None:
-    with open(path, "wb") as f: _Py2Pickler(f, protocol=2).dump(_py2(obj))
-
-def _cifar_rows(images: np.ndarray, split: str) -> np.ndarray:
-    "Images `[n, 3, 32, 32]` or `[n, 32, 32, 3]` as the `[n, 3072]` channel-first rows of the CIFAR files."
-    if images.ndim == 4 and images.shape[1:] == (32, 32, 3): images = images.transpose(0, 3, 1, 2)
-    elif not (images.ndim == 4 and images.shape[1:] == (3, 32, 32)):
-        raise ValueError(f"{split} images must be [n, 3, 32, 32] (channels first) or [n, 32, 32, 3] "
-                         f"(channels last), got shape {list(images.shape)}")
-    return np.ascontiguousarray(images).reshape(len(images), 3072)
-
-def write_cifar10(root: str | os.PathLike, train_images, train_labels, test_images, test_labels) -> Path:
-    "Write `root/cifar-10-batches-py` (`data_batch_1..5`, `test_batch`, `batches.meta`) as torchvision reads it; returns that folder."
-    (train_images, train_labels), (test_images, test_labels) = (
-        _image_label_pairs("train", train_images, train_labels), _image_label_pairs("test", test_images, test_labels))
-    train_rows, test_rows = _cifar_rows(train_images, "train"), _cifar_rows(test_images, "test")
-    for split, labels in (("train", train_labels), ("test", test_labels)):
-        if labels.size and labels.max() > 9: raise ValueError(f"{split} labels must be classes 0 to 9, got {labels.max()}")
-    folder = Path(root).expanduser() / _CIFAR10_FOLDER
-    folder.mkdir(parents=True, exist_ok=True)
-    parts = np.array_split(np.arange(len(train_rows)), 5)  # five training files, as the official set has
-    for i, part in enumerate(parts, 1):
-        _write_py2_pickle(folder / f"data_batch_{i}", {"batch_label": f"training batch {i} of 5",
-                                                       "labels": train_labels[part].tolist(), "data": train_rows[part]})
-    _write_py2_pickle(folder / "test_batch", {"batch_label": "testing batch 1 of 1",
-                                              "labels": test_labels.tolist(), "data": test_rows})
-    _write_py2_pickle(folder / "batches.meta", {"num_cases_per_batch": len(parts[0]),
-                                                "label_names": _CIFAR10_CLASSES, "num_vis": 3072})
-    return folder
 
 # %% ../nbs/01_data.ipynb #4ba8ec5a
 def _cifar10_reader(check_integrity: bool) -> type:

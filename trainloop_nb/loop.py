@@ -15,7 +15,7 @@ from .core import (Callback, CancelBatch, CancelEpoch, CancelException, CancelFi
                                CancelValidation, Event, default_device, event_handlers, note_callback_error,
                                to_device)
 from .metrics import Metric, Statistics, make_metrics
-from .progress import ProgressPrinter
+from .callbacks.progress import ProgressPrinter
 
 # %% auto #0
 __all__ = ['softmax_cross_entropy', 'sigmoid_cross_entropy', 'mean_squared_error', 'TrainingLoop']
