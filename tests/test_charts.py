@@ -11,25 +11,19 @@ import pytest
 import torch
 
 from trainloop_nb.callbacks.charts import LiveLossPlot
-from trainloop_nb.core import Callback, CancelBatch
+from trainloop_nb.core import Callback, CancelBatch, Order
 from trainloop_nb.data import TrainingEpochs, ValidationBatches
 from trainloop_nb.loop import TrainingLoop
+
+from conftest import toy_loop
 from trainloop_nb.callbacks.progress import ProgressPrinter
 
 TRAIN_BATCHES = 8  # 256 samples in batches of 32
 
 
 def make_loop(callbacks=(), validation=True, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(300, 6, generator=g)
-    y = (x[:, 0] - x[:, 1] > 0).long()
-    torch.manual_seed(seed)
-    model = torch.nn.Linear(6, 2)
-    loop = TrainingLoop(TrainingEpochs((x[:256], y[:256]), batch_size=32),
-                        ValidationBatches((x[256:], y[256:]), batch_size=20) if validation else None,
-                        torch.optim.SGD(model.parameters(), lr=0.2), metrics=["accuracy"],
-                        callbacks=[ProgressPrinter(mode="plain", file=open("/dev/null", "w")), *callbacks])
-    return loop, model
+    return toy_loop(callbacks, train=256, valid=44, features=6, valid_batch_size=20, lr=0.2, validation=validation,
+                    seed=seed, rule="sign")
 
 
 class StepLosses(Callback):
@@ -103,6 +97,7 @@ def test_console_with_path_saves_a_png_at_each_epoch_end(tmp_path):
 
 def test_fit_end_saves_the_steps_of_an_interrupted_epoch(tmp_path):
     class FailAtStep(Callback):
+        order = Order.observe  # before the plot, which runs among the display callbacks
         def batch_end(self, loop):
             if loop.phase == "training" and loop.step == TRAIN_BATCHES + 3: raise RuntimeError("boom")
     path = tmp_path / "loss.png"

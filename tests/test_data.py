@@ -12,8 +12,8 @@ import torch
 import torchvision
 from torch.utils.data import Dataset, TensorDataset
 
-from trainloop_nb.data import (CIFAR10, MNIST, Digits, TrainingEpochs, ValidationBatches, write_cifar10,
-                               write_mnist)
+from trainloop_nb.data import CIFAR10, MNIST, Digits, TrainingEpochs, ValidationBatches
+from trainloop_nb.data_files import write_cifar10, write_mnist
 
 MNIST_FILES = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]
 CIFAR_FILES = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch", "batches.meta"]

@@ -79,9 +79,9 @@ def test_interrupted_fit_says_so_in_plain_mode():
     assert "interrupted by RuntimeError in epoch 2" in run.stdout
 
 
-def test_progress_printer_plot_flag_draws_the_loss_chart_in_a_script(tmp_path):
+def test_live_loss_plot_beside_the_printer_draws_the_loss_chart_in_a_script(tmp_path):
     png = tmp_path / "loss.png"
-    script = SCRIPT.replace('metrics=["accuracy"])', f'metrics=["accuracy"], callbacks=[ProgressPrinter(plot=LiveLossPlot(path={str(png)!r}))])')
+    script = SCRIPT.replace('metrics=["accuracy"])', f'metrics=["accuracy"], callbacks=[LiveLossPlot(path={str(png)!r})])')
     script += "import sys; print('WIDGETS', 'ipywidgets' in sys.modules, 'IPython' in sys.modules)\n"
     run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr

@@ -13,6 +13,8 @@ from trainloop_nb.core import Callback, CancelBatch, Event
 from trainloop_nb.data import TrainingEpochs, ValidationBatches
 from trainloop_nb.callbacks.inspector import CallbackInspector, EventRecord, InspectorView, format_seconds
 from trainloop_nb.loop import TrainingLoop
+
+from conftest import toy_loop
 from trainloop_nb.callbacks.progress import ProgressPrinter
 
 TRAIN_BATCHES, VALID_BATCHES = 6, 2  # 192 samples in batches of 32; 40 in batches of 32 (the last one short)
@@ -20,16 +22,7 @@ EVENTS = [e.value for e in Event]
 
 
 def make_loop(callbacks=(), validation=True, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(232, 5, generator=g)
-    y = (x[:, 0] > 0).long()
-    torch.manual_seed(seed)
-    model = torch.nn.Linear(5, 2)
-    loop = TrainingLoop(TrainingEpochs((x[:192], y[:192]), batch_size=32),
-                        ValidationBatches((x[192:], y[192:]), batch_size=32) if validation else None,
-                        torch.optim.SGD(model.parameters(), lr=0.1), metrics=["accuracy"],
-                        callbacks=[ProgressPrinter(mode="plain", file=open("/dev/null", "w")), *callbacks])
-    return loop, model
+    return toy_loop(callbacks, train=192, valid=40, features=5, validation=validation, seed=seed, rule="first")
 
 
 def expected_counts(epochs, train=TRAIN_BATCHES, valid=VALID_BATCHES):
@@ -72,9 +65,9 @@ def test_timings_cover_every_handled_pair_and_mean_is_total_over_calls():
     loop.fit(model, epochs=2)
     t, counts = inspector.timings, inspector.counts
     handled = {(type(cb).__name__, e.value) for e, cbs in loop.handlers.items() for cb in cbs
-               if cb is not inspector and e is not Event.fit_start}
+               if cb is not inspector}
     assert set(t) == handled
-    assert ("Statistics", "batch_end") in t and ("ProgressPrinter", "epoch_end") in t and ("Sleepy", "batch_end") in t
+    assert ("ProgressPrinter", "fit_start") in t and ("ProgressPrinter", "epoch_end") in t and ("Sleepy", "batch_end") in t
     for (name, event), v in t.items():
         assert v["calls"] == counts[event], (name, event)  # each handler ran once per event
         assert v["total"] > 0 and v["mean"] == pytest.approx(v["total"] / v["calls"])
@@ -130,7 +123,7 @@ def test_report_names_every_callback_and_event():
     loop, model = make_loop([Sleepy(0.0), inspector])
     loop.fit(model, epochs=1)
     report = inspector.report()
-    for name in ("Statistics", "ProgressPrinter", "Sleepy"): assert name in report
+    for name in ("ProgressPrinter", "Sleepy"): assert name in report
     for event in EVENTS: assert event in report
     row = next(line for line in report.splitlines() if line.startswith("Sleepy"))
     assert row.split()[:3] == ["Sleepy", "batch_end", str(TRAIN_BATCHES + VALID_BATCHES)]
@@ -207,7 +200,7 @@ def test_widget_grid_matches_the_dispatch_table():
     view = inspector.view
     assert isinstance(view, InspectorView) and isinstance(view.widget, ipywidgets.VBox)
     rows = sorted(loop.callbacks, key=lambda cb: getattr(cb, "order", 0))
-    assert len(view.cells) == len(view.checkboxes) == len(rows) == 4
+    assert len(view.cells) == len(view.checkboxes) == len(rows) == 3
     assert all(len(row) == len(EVENTS) for row in view.cells)
     assert len(view.grid.children) == (len(rows) + 2) * (len(EVENTS) + 2)
     for cb, row in zip(rows, view.cells):
@@ -218,7 +211,7 @@ def test_widget_grid_matches_the_dispatch_table():
     assert bundle["application/vnd.jupyter.widget-view+json"]["model_id"] == view.widget.model_id
     assert bundle["text/plain"] == "CallbackInspector()"
     view.event_choice.value = "batch_start"
-    assert "BatchCounter" in view.table.value and "Statistics" not in view.table.value
+    assert "BatchCounter" in view.table.value and "ProgressPrinter" not in view.table.value
 
 
 def test_widget_checkbox_switches_a_callback_off_for_the_next_fit():
@@ -285,3 +278,16 @@ def test_bad_arguments():
 def test_format_seconds():
     assert format_seconds(2.5) == "2.50 s" and format_seconds(0.0123) == "12.3 ms" and format_seconds(42e-6) == "42 µs"
     assert format_seconds(float("nan")) == ""
+
+
+def test_the_inspector_leaves_no_trace_on_the_loop():
+    inspector = CallbackInspector()
+    loop, model = make_loop([inspector])
+    loop.fit(model, epochs=1)
+    timed = {fn for hs in loop._handlers.values() for _, fn in hs}
+    assert any(getattr(fn, "__name__", "") in ("timed_handler", "timed_then_refresh") for fn in timed)
+    loop.fit(model, epochs=1, callbacks=[])  # same loop, the inspector still listed: still timed
+    loop.user_callbacks.remove(inspector)
+    loop.fit(model, epochs=1)
+    plain = [fn for hs in loop._handlers.values() for _, fn in hs]
+    assert plain and all(getattr(fn, "__name__", "") not in ("timed_handler", "timed_then_refresh") for fn in plain)

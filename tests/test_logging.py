@@ -16,6 +16,8 @@ from trainloop_nb.core import Callback, CancelBatch
 from trainloop_nb.data import TrainingEpochs, ValidationBatches
 from trainloop_nb.callbacks.logging import CSVLogger, TensorBoardLogger
 from trainloop_nb.loop import TrainingLoop
+
+from conftest import toy_loop
 from trainloop_nb.callbacks.progress import ProgressPrinter
 
 from host_reads import count_host_reads
@@ -24,16 +26,8 @@ TRAIN_BATCHES, VALID_BATCHES = 5, 3  # 160 samples in batches of 32; 70 in batch
 
 
 def make_loop(callbacks=(), metrics=("accuracy",), validation=True, lr=0.3, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(230, 6, generator=g)
-    y = (x @ torch.randn(6, 4, generator=g)).argmax(1)
-    torch.manual_seed(seed)
-    model = torch.nn.Linear(6, 4)
-    loop = TrainingLoop(TrainingEpochs((x[:160], y[:160]), batch_size=32),
-                        ValidationBatches((x[160:], y[160:]), batch_size=32) if validation else None,
-                        torch.optim.SGD(model.parameters(), lr=lr), metrics=list(metrics),
-                        callbacks=[ProgressPrinter(mode="plain", file=open("/dev/null", "w")), *callbacks])
-    return loop, model
+    return toy_loop(callbacks, train=160, valid=70, features=6, classes=4, lr=lr, metrics=metrics,
+                    validation=validation, seed=seed)
 
 
 class FailAt(Callback):

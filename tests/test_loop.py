@@ -10,20 +10,15 @@ from trainloop_nb.core import (Callback, CancelBatch, CancelEpoch, CancelFit, Ca
 from trainloop_nb.data import TrainingEpochs, ValidationBatches
 from trainloop_nb.loop import TrainingLoop
 
+from conftest import toy_loop
 from host_reads import count_host_reads
 
 EPOCHS, TRAIN_BATCHES, VALID_BATCHES = 2, 3, 2
 
 
 def make_loop(callbacks=(), validation=True, defaults=False, train_batches=TRAIN_BATCHES, metrics=()):
-    g = torch.Generator().manual_seed(0)
-    x, y = torch.randn(8 * train_batches, 4, generator=g), torch.randint(0, 3, (8 * train_batches,), generator=g)
-    torch.manual_seed(0)
-    model = torch.nn.Linear(4, 3)
-    valid = ValidationBatches((x[:12], y[:12]), batch_size=6) if validation else None  # 2 batches
-    loop = TrainingLoop(TrainingEpochs((x, y), batch_size=8), valid, torch.optim.SGD(model.parameters(), lr=0.1),
-                        metrics=metrics, callbacks=list(callbacks), include_default_callbacks=defaults)
-    return loop, model
+    return toy_loop(callbacks, train=8 * train_batches, valid=12, features=4, classes=3, batch_size=8,
+                    valid_batch_size=6, metrics=metrics, validation=validation, printer=False, defaults=defaults)
 
 
 class Recorder(Callback):
@@ -287,7 +282,7 @@ def test_fit_callbacks_apply_to_that_call_only_and_order_sorts_stably():
 def test_default_callbacks_and_history():
     loop, model = make_loop(defaults=True, metrics=["accuracy"])
     names = [type(cb).__name__ for cb in loop.callbacks]
-    assert names[:2] == ["Statistics", "ProgressPrinter"]
+    assert names[:1] == ["ProgressPrinter"]
     history = loop.fit(model, epochs=2)
     assert [set(h) for h in history] == [{"epoch", "train_loss", "train_accuracy", "valid_loss", "valid_accuracy", "time"}] * 2
 
@@ -364,3 +359,91 @@ def test_history_has_one_record_per_epoch_even_when_an_epoch_is_cancelled_before
     assert [h["epoch"] for h in loop.history] == [1, 2]
     assert set(loop.history[0]) == {"epoch", "time"} and "train_loss" in loop.history[1]
     assert loop.history[0] is not loop.history[1]
+
+
+# --- the architecture: a loop that knows only the loop -------------------------------------------------
+def test_importing_the_loop_loads_no_display_module():
+    import subprocess, sys
+    probe = ("import sys, trainloop_nb.loop; print(sorted(m for m in sys.modules if m.split('.')[0] in "
+             "('fastprogress', 'matplotlib', 'ipywidgets', 'IPython') or m.startswith('trainloop_nb.callbacks')))")
+    run = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "[]"
+
+
+def test_without_default_callbacks_the_numbers_are_all_there(tmp_path):
+    from trainloop_nb.callbacks.logging import CSVLogger
+    import csv
+    quiet, model = make_loop([CSVLogger(tmp_path / "log.csv")], defaults=False, metrics=["accuracy"])
+    history = quiet.fit(model, epochs=2)
+    assert [type(cb).__name__ for cb in quiet.callbacks] == ["CSVLogger"]
+    loud, model2 = make_loop(defaults=True, metrics=["accuracy"])
+    loud_history = loud.fit(model2, epochs=2)
+    strip = lambda hs: [{k: v for k, v in h.items() if k != "time"} for h in hs]
+    assert strip(history) == strip(loud_history) and len(history) == 2
+    assert all(math.isfinite(v) for h in strip(history) for v in h.values())
+    rows = list(csv.DictReader(open(tmp_path / "log.csv")))
+    assert rows and all(math.isfinite(float(r["loss"])) and math.isfinite(float(r["accuracy"])) for r in rows)
+    assert float(rows[-1]["accuracy"]) == pytest.approx(history[-1]["valid_accuracy"])
+
+
+def test_a_default_is_replaced_by_an_instance_of_its_class_only():
+    from trainloop_nb.callbacks.progress import ProgressPrinter
+    class MyPrinter(ProgressPrinter): pass
+    class ProgressPrinterLookalike(Callback): pass  # same idea, unrelated class: does not replace the default
+    ProgressPrinterLookalike.__name__ = "ProgressPrinter"
+    mine = MyPrinter(mode="plain")
+    loop, _ = make_loop([mine], defaults=True)
+    assert loop._callbacks_for_fit([]) == [mine]
+    lookalike = ProgressPrinterLookalike()
+    loop, _ = make_loop([lookalike], defaults=True)
+    assert [type(cb) for cb in loop._callbacks_for_fit([])] == [ProgressPrinter, ProgressPrinterLookalike]
+
+
+def test_phase_is_a_string_valued_enum():
+    seen = set()
+    def look(loop, event):
+        if event == "batch_end": seen.add((loop.phase, loop.phase == "training", isinstance(loop.phase, core.Phase)))
+    loop, model = make_loop([look])
+    loop.fit(model, epochs=1)
+    assert seen == {(core.Phase.training, True, True), (core.Phase.validation, False, True)}
+    assert loop.phase is None
+
+
+def test_every_fit_end_handler_runs_when_one_fails(tmp_path):
+    from trainloop_nb.callbacks.logging import CSVLogger
+    class Broken(Callback):
+        def fit_end(self, loop): raise OSError("first")
+    class AlsoBroken(Callback):
+        def fit_end(self, loop): raise ValueError("second")
+    logger = CSVLogger(tmp_path / "log.csv")
+    loop, model = make_loop([Broken(), AlsoBroken(), logger])
+    with pytest.raises(OSError, match="first") as info:
+        loop.fit(model, epochs=1)
+    assert logger.file is None  # closed
+    rows = list(open(tmp_path / "log.csv"))
+    assert len(rows) == 1 + TRAIN_BATCHES + VALID_BATCHES  # header and every batch: the file is complete
+    assert any("second" in note for note in info.value.__notes__)
+
+
+def test_a_failing_fit_end_handler_after_an_error_is_noted_on_the_error():
+    class Failing(Callback):
+        def batch_end(self, loop): raise RuntimeError("in the fit")
+        def fit_end(self, loop): raise OSError("in fit_end")
+    loop, model = make_loop([Failing()])
+    with pytest.raises(RuntimeError, match="in the fit") as info:
+        loop.fit(model, epochs=1)
+    assert any("in fit_end" in note for note in info.value.__notes__)
+
+
+def test_the_loss_class_instead_of_an_instance_says_what_to_write():
+    with pytest.raises(TypeError, match=r"CrossEntropyLoss\(\)"):
+        TrainingLoop(TrainingEpochs((torch.zeros(4, 2), torch.zeros(4).long()), 2),
+                     optimizer=torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=0.1), loss_func=torch.nn.CrossEntropyLoss)
+
+
+def test_numpy_integer_epochs_are_accepted():
+    import numpy as np
+    loop, model = make_loop()
+    loop.fit(model, epochs=np.int64(2))
+    assert len(loop.history) == 2 and loop.epoch_count == 2 and type(loop.epoch_count) is int

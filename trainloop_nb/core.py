@@ -11,8 +11,9 @@ from typing import Any, Callable, Iterable
 import torch
 
 # %% auto #0
-__all__ = ['default_device', 'to_device', 'Event', 'CancelException', 'CancelBatch', 'CancelTraining', 'CancelValidation',
-           'CancelEpoch', 'CancelFit', 'Callback', 'callback_name', 'event_handlers', 'note_callback_error']
+__all__ = ['DEFAULT_CALLBACKS', 'default_device', 'to_device', 'Event', 'Phase', 'CancelException', 'CancelBatch',
+           'CancelTraining', 'CancelValidation', 'CancelEpoch', 'CancelFit', 'Order', 'Callback',
+           'register_default_callback', 'callback_name', 'event_handlers', 'add_note', 'note_callback_error']
 
 # %% ../nbs/00_core.ipynb #0448b874
 def default_device(device: str | torch.device | None = None) -> torch.device:
@@ -65,6 +66,14 @@ class Event(str, enum.Enum):
 
     def __str__(self) -> str: return self.value
 
+# %% ../nbs/00_core.ipynb #c5b54071
+class Phase(str, enum.Enum):
+    "The phase a fit is in while batches flow: `loop.phase` (None outside both)."
+    training = "training"
+    validation = "validation"
+
+    def __str__(self) -> str: return self.value
+
 # %% ../nbs/00_core.ipynb #15e7871f
 class CancelException(Exception):
     "Base of the control-flow exceptions a callback raises to steer the loop."
@@ -85,11 +94,26 @@ class CancelFit(CancelException):
     "Stop training; `fit_end` fires and `fit` returns normally."
 
 # %% ../nbs/00_core.ipynb #81243e44
+class Order(enum.IntEnum):
+    "Where a callback runs at each event, lower first; callbacks of equal order keep their list order."
+    observe = -1000  # sees every event before any other callback can cancel it
+    display = -10    # what the user sees: progress bars and what draws beside them
+    default = 0      # everything else, in the order given
+
 class Callback:
     "Base class for callbacks: define methods named after `Event`s, each taking the loop."
-    order: int = 0
+    order: int = Order.default
 
     def __repr__(self) -> str: return f"{type(self).__name__}()"
+
+DEFAULT_CALLBACKS: list[type] = []  # classes whose instance every new loop gets, in registration order
+
+def register_default_callback(cls: type) -> type:
+    "Give every loop made from now on (with `include_default_callbacks=True`) an instance of `cls`; returns `cls`."
+    if not (isinstance(cls, type) and issubclass(cls, Callback)):
+        raise TypeError(f"register_default_callback takes a Callback subclass, got {cls!r}")
+    if cls not in DEFAULT_CALLBACKS: DEFAULT_CALLBACKS.append(cls)
+    return cls
 
 def callback_name(callback: Any) -> str:
     "A readable name for a callback object or function, for error messages and reports."
@@ -98,7 +122,7 @@ def callback_name(callback: Any) -> str:
 
 def event_handlers(callbacks: Iterable[Any]) -> dict[Event, list[tuple[Any, Callable]]]:
     "For each event, the `(callback, fn)` pairs that handle it, in run order; `fn(loop)` runs one."
-    ordered = sorted(callbacks, key=lambda cb: getattr(cb, "order", 0))  # sorted() is stable
+    ordered = sorted(callbacks, key=lambda cb: getattr(cb, "order", Order.default))  # sorted() is stable
     handlers: dict[Event, list[tuple[Any, Callable]]] = {e: [] for e in Event}
     for cb in ordered:
         if isinstance(cb, Callback):
@@ -110,17 +134,23 @@ def event_handlers(callbacks: Iterable[Any]) -> dict[Event, list[tuple[Any, Call
         else:
             raise TypeError(f"callback {cb!r} is neither a Callback nor a function callback(loop, event); "
                             "pass a Callback instance or a function")
+    for cb in ordered:  # instrumentation: asked of this table's callbacks only, so it ends with the table
+        wrap = getattr(cb, "wrap_handler", None) if isinstance(cb, Callback) else None
+        if wrap is not None: handlers = {e: [(c, wrap(c, e, fn)) for c, fn in hs] for e, hs in handlers.items()}
     return handlers
 
 def _bind_event(fn: Callable, event: Event) -> Callable:
     return lambda loop: fn(loop, event)
 
 # %% ../nbs/00_core.ipynb #f75ab467
+def add_note(error: BaseException, note: str) -> None:
+    "Add a note (PEP 678, shown under the traceback) to `error`, on Python 3.10 too."
+    if hasattr(error, "add_note"): error.add_note(note)
+    else: error.__notes__ = [*getattr(error, "__notes__", []), note]
+
 def note_callback_error(error: BaseException, callback: Any, event: Event) -> None:
     "Add a note to `error` naming the callback and event it came from (once, innermost wins)."
     if getattr(error, "_trainloop_noted", False): return
-    note = f"raised in callback {callback_name(callback)} at event {Event(event).value}"
-    if hasattr(error, "add_note"): error.add_note(note)
-    else: error.__notes__ = [*getattr(error, "__notes__", []), note]  # Python 3.10
+    add_note(error, f"raised in callback {callback_name(callback)} at event {Event(event).value}")
     try: error._trainloop_noted = True
     except AttributeError: pass

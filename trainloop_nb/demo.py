@@ -14,6 +14,7 @@ import torch
 from .core import default_device
 from .data import Digits
 from .loop import TrainingLoop
+import trainloop_nb.callbacks.progress  # the default display registers itself when loaded (see `core`)
 from .models import LeNet
 
 # %% auto #0

@@ -6,16 +6,13 @@
 from __future__ import annotations
 
 import math
-import time
 from typing import Any, Iterable
 
 import torch
 
-from .core import Callback
-
 # %% auto #0
 __all__ = ['METRICS', 'Metric', 'is_binary', 'predictions', 'Loss', 'Accuracy', 'TopKAccuracy', 'MatthewsCorrelation',
-           'matthews_from_confusion', 'Perplexity', 'TorchMetric', 'make_metrics', 'Statistics']
+           'matthews_from_confusion', 'Perplexity', 'TorchMetric', 'make_metrics']
 
 # %% ../nbs/02_metrics.ipynb #9c48d8fb
 class Metric:
@@ -202,38 +199,3 @@ def make_metrics(metrics: Iterable[Any] = ()) -> list[Metric]:
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates: raise ValueError(f"metric names must be unique, but {duplicates} appear more than once")
     return made
-
-# %% ../nbs/02_metrics.ipynb #632645ac
-class Statistics(Callback):
-    "Accumulates the loop's metrics per phase and appends one record per epoch to `loop.history`."
-    order = -20
-
-    def fit_start(self, loop) -> None: loop.history, self._record = [], {}
-
-    def epoch_start(self, loop) -> None:
-        self._record, self._start = {"epoch": loop.epoch_index + 1}, time.perf_counter()
-
-    def training_start(self, loop) -> None: self._reset(loop)
-    def validation_start(self, loop) -> None: self._reset(loop)
-
-    def batch_end(self, loop) -> None:
-        loss = loop.last_step_loss
-        if loss is None: return
-        output, target, loss = loop.last_step_output, loop.last_step_target, loss.detach()
-        if isinstance(output, torch.Tensor): output = output.detach()  # models may return tuples or dicts
-        for metric in loop.metrics: metric.update(output, target, loss)
-
-    def training_end(self, loop) -> None: self._read(loop, "train")
-    def validation_end(self, loop) -> None: self._read(loop, "valid")
-
-    def epoch_end(self, loop) -> None:
-        # an earlier callback may have cancelled the epoch at epoch_start, before this one saw it
-        if self._record.get("epoch") != loop.epoch_index + 1: self.epoch_start(loop)
-        self._record["time"] = time.perf_counter() - self._start
-        loop.history.append(self._record)
-
-    def _reset(self, loop) -> None:
-        for metric in loop.metrics: metric.reset()
-
-    def _read(self, loop, prefix: str) -> None:
-        self._record.update({f"{prefix}_{m.name}": m.compute() for m in loop.metrics})

@@ -15,7 +15,8 @@ from typing import Any
 import torch
 from fastprogress import fastprogress as fp
 
-from ..core import Callback
+from ..core import Callback, Phase
+from .progress import ProgressPrinter
 
 # %% auto #0
 __all__ = ['LiveLossPlot']
@@ -23,6 +24,7 @@ __all__ = ['LiveLossPlot']
 # %% ../../nbs/11_callbacks.charts.ipynb #6d7b7b46
 class LiveLossPlot(Callback):
     "Training loss per step and validation loss per epoch, drawn live in Jupyter or saved to `path` from a script."
+    order = ProgressPrinter.order + 1  # after the printer: at fit_start its bars are drawn first, the chart below them
 
     def __init__(self, refresh: float = 1.0, path: str | os.PathLike | None = None, mode: str | None = None,
                  figsize: tuple[float, float] = (6, 3.5)):
@@ -50,7 +52,7 @@ class LiveLossPlot(Callback):
         self._next_draw = time.monotonic() + self.refresh
 
     def batch_end(self, loop) -> None:
-        if loop.phase != "training" or loop.step == self._last_step: return  # no optimizer step, nothing to plot
+        if loop.phase is not Phase.training or loop.step == self._last_step: return  # no optimizer step, nothing to plot
         self._last_step = loop.step
         self._pending.append(loop.last_step_loss.detach())
         self._pending_steps.append(loop.step)

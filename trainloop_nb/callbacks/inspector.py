@@ -9,11 +9,10 @@ import html
 import math
 import time
 import warnings
-import weakref
 from collections import deque
 from typing import Any, Callable, NamedTuple
 
-from ..core import Callback, Event, callback_name, event_handlers
+from ..core import Callback, Event, Order, callback_name, event_handlers
 
 # %% auto #0
 __all__ = ['EventRecord', 'format_seconds', 'CallbackInspector', 'InspectorView']
@@ -65,7 +64,7 @@ def _read_stats(loop) -> dict[str, float]:
 # %% ../../nbs/14_callbacks.inspector.ipynb #ab56517f
 class CallbackInspector(Callback):
     "Counts events, times every callback's handlers, and shows it all as a live widget (Jupyter) or `report()`."
-    order = -1000  # first at every event: a later callback's CancelBatch cannot hide an event from the counts
+    order = Order.observe  # first at every event: a later callback's CancelBatch cannot hide an event from the counts
 
     def __init__(self, refresh: float = 0.25, log_size: int = 20):
         if refresh < 0: raise ValueError(f"refresh is the least number of seconds between widget updates, got {refresh!r}")
@@ -77,7 +76,6 @@ class CallbackInspector(Callback):
         self._counts: dict[str, int] = dict.fromkeys(_EVENT_NAMES, 0)
         self._cells: dict[tuple[int, str], list] = {}  # (id(callback), event) -> [total seconds, calls]
         self._log: deque = deque(maxlen=log_size)
-        self._instrumented = weakref.WeakSet()  # loops that already hold our wrapper
         self._view = None
         self._next_refresh = 0.0
 
@@ -94,7 +92,7 @@ class CallbackInspector(Callback):
         out = {}
         for cb, name in zip(self.callbacks, self.names):
             if cb is self: continue
-            for event in _EVENT_NAMES[1:]:  # fit_start is not timed
+            for event in _EVENT_NAMES:
                 total, calls = self._cells.get((id(cb), event), (0.0, 0))
                 if calls or (id(cb), event) in handled:
                     out[name, event] = {"total": total, "calls": calls, "mean": total / calls if calls else math.nan}
@@ -113,39 +111,32 @@ class CallbackInspector(Callback):
         for (name, event), t in self.timings.items():
             lines.append(f"{name:<{width}}  {event:<24}  {t['calls']:>7}  {format_seconds(t['total']):>9}  "
                          f"{format_seconds(t['mean']):>9}")
-        lines.append("(fit_start and the inspector's own handlers are not timed)")
+        lines.append("(the inspector's own handlers are not timed)")
         return "\n".join(lines)
 
-    # -- timing wrapper -----------------------------------------------------------------------
-    def _wrapper_for(self, loop) -> Callable:
-        def wrap(callback, event, fn):
-            if callback is self or event == Event.fit_start or not self._inspecting(loop): return fn
-            handler = _timed(fn, self._cells.setdefault((id(callback), event.value), [0.0, 0]))
-            if event != Event.fit_end: return handler
-            def timed_then_refresh(loop):  # the inspector runs first at fit_end: redraw after the others too
-                result = handler(loop)
-                if self._view is not None: self._refresh(loop)
-                return result
-            return timed_then_refresh
-        return wrap
-
-    def _inspecting(self, loop) -> bool:
-        return loop.is_enabled(self) and any(cb is self for cb in loop.callbacks)
+    # -- timing: asked by the loop while it builds this fit's dispatch table -----------------------
+    def wrap_handler(self, callback: Any, event: Event, fn: Callable) -> Callable:
+        "Each handler of the fit, timed into its (callback, event) cell; the next table built without us is untimed."
+        if callback is self: return fn
+        handler = _timed(fn, self._cells.setdefault((id(callback), event.value), [0.0, 0]))
+        if event != Event.fit_end: return handler
+        def timed_then_refresh(loop):  # the inspector runs first at fit_end: redraw after the others too
+            result = handler(loop)
+            if self._view is not None: self._refresh(loop)
+            return result
+        return timed_then_refresh
 
     # -- events -------------------------------------------------------------------------------
     def fit_start(self, loop) -> None:
         self.loop = loop
-        self.callbacks = sorted(loop.callbacks, key=lambda cb: getattr(cb, "order", 0))  # stable, as the loop sorts
+        self.callbacks = sorted(loop.callbacks, key=lambda cb: getattr(cb, "order", Order.default))  # as the loop sorts
         self.names = _unique_names(self.callbacks)
         for event in self._counts: self._counts[event] = 0
         rows = {id(cb) for cb in self.callbacks}
         self._cells = {key: cell for key, cell in self._cells.items() if key[0] in rows}  # forget earlier fits' callbacks
-        for cell in self._cells.values(): cell[0], cell[1] = 0.0, 0  # in place: handlers wrapped already hold them
+        for cell in self._cells.values(): cell[0], cell[1] = 0.0, 0  # in place: this fit's timed handlers hold them
         self._log.clear()
         self.state = {}
-        if loop not in self._instrumented:
-            self._instrumented.add(loop)
-            loop.instrument(self._wrapper_for(loop))
         self._counts["fit_start"] = 1
         self._log.append(("fit_start", None, None, None))
         if self._view is not None: self._refresh(loop)
@@ -272,8 +263,7 @@ class InspectorView:
         insp, event = self.inspector, self.event_choice.value
         timings = insp.timings if timings is None else timings
         rows = [(name, t) for (name, e), t in timings.items() if e == event]
-        if event == "fit_start": body = "<tr><td colspan=4><i>fit_start is not timed: the timers are installed while it runs</i></td></tr>"
-        elif not rows: body = "<tr><td colspan=4><i>no callback handles this event</i></td></tr>"
+        if not rows: body = "<tr><td colspan=4><i>no callback handles this event</i></td></tr>"
         else: body = "".join(f"<tr><td style='text-align: left'><code>{html.escape(n)}</code></td><td>{t['calls']}</td>"
                              f"<td>{format_seconds(t['total'])}</td><td>{format_seconds(t['mean'])}</td></tr>" for n, t in rows)
         self.table.value = ("<style>.tl-timings td, .tl-timings th {padding: 0 0.7em; text-align: right}</style>"

@@ -5,7 +5,6 @@
 # %% ../../nbs/12_callbacks.logging.ipynb #9301a968
 from __future__ import annotations
 
-import copy
 import csv
 import os
 import time
@@ -15,7 +14,7 @@ from typing import Any
 
 import torch
 
-from ..core import Callback
+from ..core import Callback, Phase
 
 # %% auto #0
 __all__ = ['CSVLogger', 'TensorBoardLogger']
@@ -94,33 +93,26 @@ class TensorBoardLogger(Callback):
     def fit_start(self, loop) -> None:
         self.run_dir = _new_run_dir(self.log_dir)
         self.writers = {phase: self._writer_class(str(self.run_dir / folder))
-                        for phase, folder in (("training", "train"), ("validation", "validation"))}
+                        for phase, folder in ((Phase.training, "train"), (Phase.validation, "validation"))}
         self._pending, self._last_step = [], loop.step
-        # per-batch copies of the other metrics, only when asked for: each read waits for the device
-        self._batch_twins = [copy.deepcopy(m) for m in loop.metrics if m.name != "loss"] if self.batch_metrics else []
         self._next_flush = time.monotonic() + self.flush_secs
 
     def batch_end(self, loop) -> None:
-        if loop.phase != "training" or loop.step == self._last_step: return  # validation, or no update made
+        if loop.phase is not Phase.training or loop.step == self._last_step: return  # validation, or no update made
         self._last_step = loop.step
-        loss = loop.last_step_loss.detach().float()
-        self._pending.append((loop.step, time.time(), loss, loop.learning_rate, self._batch_values(loop, loss)))
+        # the batch's own metrics, as tensors still on the device: read with the others at the next flush
+        values = loop.step_values() if self.batch_metrics else {}
+        loss = values.pop("loss", None)
+        if loss is None: loss = loop.last_step_loss.detach()
+        self._pending.append((loop.step, time.time(), loss, loop.learning_rate, values))
         if time.monotonic() >= self._next_flush: self.flush()
-
-    def _batch_values(self, loop, loss: torch.Tensor) -> dict[str, torch.Tensor]:
-        values = {}
-        for twin in self._batch_twins:
-            twin.reset()
-            twin.update(loop.last_step_output.detach(), loop.last_step_target, loss)
-            values[twin.name] = twin.value()  # a tensor on the device, read with the losses at the next flush
-        return values
 
     def training_end(self, loop) -> None: self.flush()
 
     def epoch_end(self, loop) -> None:
         if not loop.history: return
         record = loop.history[-1]
-        for phase, prefix in (("training", "train_"), ("validation", "valid_")):
+        for phase, prefix in ((Phase.training, "train_"), (Phase.validation, "valid_")):
             for m in loop.metrics:
                 value = record.get(prefix + m.name)
                 if value is not None: self.writers[phase].add_scalar(f"epoch_{m.name}", value, record["epoch"])
@@ -134,7 +126,7 @@ class TensorBoardLogger(Callback):
             names = list(pending[0][4])
             columns = torch.stack([torch.stack([p[2].double()] + [p[4][n].double().to(p[2].device) for n in names])
                                    for p in pending]).tolist()
-            train = self.writers["training"]
+            train = self.writers[Phase.training]
             for (step, walltime, _, rate, _), (loss, *values) in zip(pending, columns):
                 train.add_scalar("batch_loss", loss, step, walltime=walltime)
                 train.add_scalar("learning_rate", rate, step, walltime=walltime)

@@ -13,7 +13,7 @@ from typing import Any, TextIO
 from fastprogress.core import format_time
 from fastprogress import fastprogress as fp
 
-from ..core import Callback
+from ..core import Callback, Order, Phase, register_default_callback
 
 # %% auto #0
 __all__ = ['format_value', 'table_columns', 'table_row', 'ProgressPrinter']
@@ -39,17 +39,14 @@ def table_row(record: dict, columns: list[str]) -> list[str]:
 # %% ../../nbs/10_callbacks.progress.ipynb #3fa03cec
 class ProgressPrinter(Callback):
     "Progress bars per phase under an epoch bar, and one table row per epoch (HTML, terminal or plain lines)."
-    order = -10
+    order = Order.display
 
-    def __init__(self, mode: str | None = None, refresh: float = 0.5, file: TextIO | None = None, plot: Any = False):
+    def __init__(self, mode: str | None = None, refresh: float = 0.5, file: TextIO | None = None):
         if mode not in (None, "notebook", "terminal", "plain"):
             raise ValueError(f"mode must be 'notebook', 'terminal', 'plain' or None (automatic), got {mode!r}")
         self.mode, self.refresh, self.file = mode, refresh, file
         self.rows: list[list[str]] = []
-        self.plot = None
-        if plot:  # the live loss chart lives in `charts`; imported only when asked for
-            from trainloop_nb.callbacks.charts import LiveLossPlot
-            self.plot = plot if isinstance(plot, LiveLossPlot) else LiveLossPlot()
+        self.master = self.bar = None
 
     def _choose_mode(self) -> str:
         if self.mode: return self.mode
@@ -61,9 +58,6 @@ class ProgressPrinter(Callback):
         self._mode, self.rows = self._choose_mode(), []
         self.columns = table_columns(loop)
         self.master = self.bar = None
-        if self.plot is not None:
-            self.plot.mode = "notebook" if self._mode == "notebook" else "console"
-            self.plot.fit_start(loop)
         if self._mode == "plain":
             self._print(self._aligned(self.columns))
             return
@@ -88,9 +82,8 @@ class ProgressPrinter(Callback):
         self._next_comment = time.monotonic() + self.refresh
 
     def batch_end(self, loop) -> None:
-        if self.plot is not None: self.plot.batch_end(loop)
         if self.bar is None: return
-        if loop.phase == "training":
+        if loop.phase is Phase.training:
             now = time.monotonic()
             if now >= self._next_comment:  # reading the loss waits for the device: only a few times a second
                 self._next_comment = now + self.refresh
@@ -106,7 +99,6 @@ class ProgressPrinter(Callback):
         self.bar = None
 
     def epoch_end(self, loop) -> None:
-        if self.plot is not None: self.plot.epoch_end(loop)
         if not loop.history: return
         row = table_row(loop.history[-1], self.columns)
         self.rows.append(row)
@@ -114,7 +106,6 @@ class ProgressPrinter(Callback):
         else: self._print(self._aligned(row))
 
     def fit_end(self, loop) -> None:
-        if self.plot is not None: self.plot.fit_end(loop)
         if self.bar is not None:
             if loop.exception is not None: self.bar.on_interrupt()
             else: self._finish_bar()
@@ -129,3 +120,5 @@ class ProgressPrinter(Callback):
 
     def _print(self, line: str) -> None:
         print(line, file=self.file or sys.stdout, flush=True)
+
+register_default_callback(ProgressPrinter)

@@ -1,0 +1,40 @@
+"""Helpers shared by the test files: a small, seeded classification run built the same way everywhere."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from trainloop_nb.callbacks.progress import ProgressPrinter
+from trainloop_nb.data import TrainingEpochs, ValidationBatches
+from trainloop_nb.loop import TrainingLoop
+
+
+def quiet_printer() -> ProgressPrinter:
+    "A progress printer that writes its plain lines nowhere (it still runs, and replaces the default one)."
+    return ProgressPrinter(mode="plain", file=open(os.devnull, "w"))
+
+
+def toy_data(samples: int, features: int, classes: int = 2, seed: int = 0, rule: str = "projection"):
+    "Random inputs and labels a linear model can learn: `rule` is 'projection' (argmax of a random map) or 'sign' (x0 > x1)."
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(samples, features, generator=g)
+    if rule == "sign": y = (x[:, 0] - x[:, 1] > 0).long()
+    elif rule == "first": y = (x[:, 0] > 0).long()
+    else: y = (x @ torch.randn(features, classes, generator=g)).argmax(1)
+    return x, y
+
+
+def toy_loop(callbacks=(), *, train: int, valid: int, features: int, classes: int = 2, batch_size: int = 32,
+             valid_batch_size: int = 32, lr: float = 0.1, metrics=("accuracy",), validation: bool = True, seed: int = 0,
+             rule: str = "projection", printer: bool = True, defaults: bool = True):
+    "A `TrainingLoop` over `train` + `valid` toy samples with a `Linear(features, classes)` model; returns (loop, model)."
+    x, y = toy_data(train + valid, features, classes, seed, rule)
+    torch.manual_seed(seed)
+    model = torch.nn.Linear(features, classes)
+    extra = [quiet_printer()] if printer else []
+    loop = TrainingLoop(TrainingEpochs((x[:train], y[:train]), batch_size=batch_size),
+                        ValidationBatches((x[train:], y[train:]), batch_size=valid_batch_size) if validation else None,
+                        torch.optim.SGD(model.parameters(), lr=lr), metrics=list(metrics),
+                        callbacks=[*extra, *callbacks], include_default_callbacks=defaults)
+    return loop, model
