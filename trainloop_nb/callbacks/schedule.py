@@ -84,8 +84,20 @@ class _Constant(Shape):
                     "give only end_rate (the rate to hold), or use linear for a ramp")
         return None
 
-linear = Shape(lambda t: t, "linear")
-cosine = Shape(lambda t: (1 - math.cos(math.pi * t)) / 2, "cosine")
+class _Linear(Shape):
+    "The straight line f(t) = t, its rate written out (it runs at every step)."
+    def __init__(self): self.fn, self.name = (lambda t: t), "linear"
+    def rate(self, start: float, end: float, t: float) -> float: return (1 - t) * start + t * end
+
+class _Cosine(Shape):
+    "Half a cosine wave, f(t) = (1 - cos(pi t)) / 2: flat at both ends, steepest in the middle."
+    def __init__(self): self.fn, self.name = (lambda t: (1 - math.cos(math.pi * t)) / 2), "cosine"
+    def rate(self, start: float, end: float, t: float) -> float:
+        f = (1 - math.cos(math.pi * t)) / 2
+        return (1 - f) * start + f * end
+
+linear = _Linear()
+cosine = _Cosine()
 exponential = _Exponential()
 constant = _Constant()
 
@@ -325,7 +337,7 @@ class LearningRateScheduler(Callback):
         if loop.phase != "training": return
         step = loop.step
         rate = float(self._rate(step if step < self._last_step else self._last_step))  # past the end: hold the last
-        _check_applied_rate(step, rate)
+        if not 0 <= rate < math.inf: _check_applied_rate(step, rate)  # a Schedule of your own function may go wrong
         for group, ratio in zip(loop.optimizer.param_groups, self._ratios):
             if isinstance(group["lr"], torch.Tensor): group["lr"].fill_(rate * ratio)
             else: group["lr"] = rate * ratio
