@@ -3,7 +3,7 @@
 Trains with TrainingLoop on CUDA (default callbacks, plain printing, metrics accuracy, top-5, MCC and
 perplexity) with `torch.cuda.set_sync_debug_mode("error")` switched on for every training phase: any
 host synchronisation inside the training batches (`.item()`, `float(t)`, `bincount`, a blocking copy)
-raises. The check is switched off at `training_end`, where the metrics are read once per phase by design.
+raises. The check is switched off after the last training batch, where the loop reads the metrics once per phase by design.
 Then it compares the same fit on CPU and CUDA (metrics should agree closely) and prints the overhead
 ratio against a hand-written loop on CUDA.
 
@@ -21,9 +21,10 @@ from trainloop_nb.models import MLP
 
 class SyncGuard(Callback):
     "Raise on any host-device synchronisation during the training batches."
-    order = -100  # before Statistics reads the metrics at training_end
     def training_start(self, loop): torch.cuda.set_sync_debug_mode("error")
-    def training_end(self, loop): torch.cuda.set_sync_debug_mode(0)
+    def batch_end(self, loop):
+        # off after the last training batch: the loop then reads the phase's metrics, once, by design
+        if loop.phase == "training" and loop.batch_index + 1 == loop.batch_count: torch.cuda.set_sync_debug_mode(0)
     def fit_end(self, loop): torch.cuda.set_sync_debug_mode(0)
 
 

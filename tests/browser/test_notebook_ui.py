@@ -319,7 +319,7 @@ def test_inspector_grid_renders(run, page):
     state = inspector_now(page)
     assert state["events"] == EVENTS, f"the grid's columns should be the events in firing order: {state['events']}"
     names = [r["name"] for r in state["rows"]]
-    for expected in ["Statistics", "ProgressPrinter", "LearningRateScheduler", "Slow", "CallbackInspector"]:
+    for expected in ["ProgressPrinter", "LearningRateScheduler", "Slow", "CallbackInspector"]:
         assert expected in names, f"no grid row for {expected}: rows {names}"
     assert all(r["checked"] is True for r in state["rows"]), f"each callback should have a ticked checkbox: {state['rows']}"
     assert state["options"] == EVENTS and state["selected"] in EVENTS, f"event dropdown: {state['options']}"
