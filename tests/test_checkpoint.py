@@ -71,7 +71,7 @@ def test_round_trip_keeps_tensors_and_rng_states(tmp_path):
     assert torch.equal(loaded["torch"], state["torch"])
     assert os.listdir(tmp_path) == ["step-00000001.pt"]
     assert zipfile.is_zipfile(tmp_path / "step-00000001.pt")  # still an ordinary PyTorch file
-    assert torch.load(tmp_path / "step-00000001.pt", weights_only=False)["format"] == ckpt.FORMAT
+    assert torch.load(tmp_path / "step-00000001.pt", weights_only=False)["format"] == ckpt.CHECKPOINT_FORMAT
 
 
 @pytest.mark.parametrize("error", [OSError("No space left on device"), KeyboardInterrupt()])
@@ -142,11 +142,11 @@ def test_foreign_and_garbage_files_are_errors_naming_them(tmp_path):
 
 def test_intact_file_without_our_marker_or_from_a_newer_version(tmp_path, monkeypatch):
     save_checkpoint({"a": 1}, tmp_path / "ok.pt")
-    monkeypatch.setattr(ckpt, "FORMAT", "something.else")  # written with another marker: checksum fine, marker wrong
+    monkeypatch.setattr(ckpt, "CHECKPOINT_FORMAT", "something.else")  # written with another marker: checksum fine, marker wrong
     save_checkpoint({"a": 1}, tmp_path / "other.pt")
     monkeypatch.undo()
     with pytest.raises(CheckpointError, match=f"{tmp_path / 'other.pt'}.*no format marker"): load_checkpoint(tmp_path / "other.pt")
-    monkeypatch.setattr(ckpt, "VERSION", 99)
+    monkeypatch.setattr(ckpt, "CHECKPOINT_VERSION", 99)
     save_checkpoint({"a": 1}, tmp_path / "future.pt")
     monkeypatch.undo()
     with pytest.raises(CheckpointError, match=f"{tmp_path / 'future.pt'}.*version 99.*upgrade"): load_checkpoint(tmp_path / "future.pt")

@@ -18,11 +18,11 @@ from ..core import Callback
 from .early_stopping import Monitor
 
 # %% auto #0
-__all__ = ['FORMAT', 'VERSION', 'CheckpointError', 'save_checkpoint', 'load_checkpoint', 'checkpoint_name', 'checkpoint_step',
-           'list_checkpoints', 'latest_checkpoint', 'prune_checkpoints', 'Checkpoint']
+__all__ = ['CHECKPOINT_FORMAT', 'CHECKPOINT_VERSION', 'CheckpointError', 'save_checkpoint', 'load_checkpoint', 'checkpoint_name',
+           'checkpoint_step', 'list_checkpoints', 'latest_checkpoint', 'prune_checkpoints', 'Checkpoint']
 
-# %% ../../nbs/18_callbacks.checkpoint.ipynb #fc5c4430
-FORMAT, VERSION = "trainloop_nb.checkpoint", 1
+# %% ../../nbs/18_callbacks.checkpoint.ipynb #7e089723
+CHECKPOINT_FORMAT, CHECKPOINT_VERSION = "trainloop_nb.checkpoint", 1
 _TRAILER_TAG = b"TLNB-CHECKPOINT1"  # followed by the 32-byte SHA-256 of everything before it
 _TRAILER_SIZE = len(_TRAILER_TAG) + 32
 _ZIP_START = b"PK\x03\x04"  # torch.save writes a zip archive
@@ -47,7 +47,7 @@ def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> Path:
     try:
         with os.fdopen(fd, "wb") as file:
             writer = _HashingWriter(file)
-            torch.save({"format": FORMAT, "version": VERSION, "state": state}, writer)
+            torch.save({"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "state": state}, writer)
             file.write(_TRAILER_TAG + writer.sha256.digest())
             file.flush()
             os.fsync(file.fileno())  # the bytes are on disk before any name points at them
@@ -94,11 +94,11 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[
         raise CheckpointError(f"{path} passed its checksum but PyTorch could not load it ({type(e).__name__}: "
                               f"{str(e).splitlines()[0] if str(e) else ''}); was it written by another PyTorch version, "
                               "or does its state hold objects other than tensors, numbers, strings, lists and dicts?") from e
-    if not isinstance(saved, dict) or saved.get("format") != FORMAT:
-        raise CheckpointError(f"{path} is not a trainloop_nb checkpoint: it has no format marker {FORMAT!r}")
-    if not isinstance(saved.get("version"), int) or saved["version"] > VERSION:
+    if not isinstance(saved, dict) or saved.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path} is not a trainloop_nb checkpoint: it has no format marker {CHECKPOINT_FORMAT!r}")
+    if not isinstance(saved.get("version"), int) or saved["version"] > CHECKPOINT_VERSION:
         raise CheckpointError(f"{path} is a checkpoint of format version {saved.get('version')!r}, newer than this "
-                              f"trainloop_nb reads ({VERSION}); upgrade trainloop_nb to load it")
+                              f"trainloop_nb reads ({CHECKPOINT_VERSION}); upgrade trainloop_nb to load it")
     if not isinstance(saved.get("state"), dict): raise CheckpointError(f"{path} holds no state dict")
     return saved["state"]
 

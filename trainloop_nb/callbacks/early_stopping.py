@@ -15,10 +15,10 @@ import torch
 from ..core import Callback, CancelFit
 
 # %% auto #0
-__all__ = ['MODES', 'Monitor', 'cpu_copy', 'EarlyStopping']
+__all__ = ['Monitor', 'cpu_copy', 'EarlyStopping']
 
-# %% ../../nbs/17_callbacks.early_stopping.ipynb #e1e17006
-MODES = ("auto", "min", "max")
+# %% ../../nbs/17_callbacks.early_stopping.ipynb #957ca340
+_MODES = ("auto", "min", "max")
 
 class Monitor:
     "A `loop.history` value to watch: which way is better, and whether a value beats the best by more than `min_delta`."
@@ -26,8 +26,8 @@ class Monitor:
     def __init__(self, name: str, mode: str = "auto", min_delta: float = 0.0):
         if not isinstance(name, str) or not name:
             raise ValueError(f"monitor must name a value of loop.history such as 'valid_loss' or 'valid_accuracy', got {name!r}")
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}; 'auto' minimises names containing "
+        if mode not in _MODES:
+            raise ValueError(f"mode must be one of {_MODES}, got {mode!r}; 'auto' minimises names containing "
                              "'loss' or 'perplexity' and maximises the rest")
         if isinstance(min_delta, bool) or not isinstance(min_delta, (int, float)) or not min_delta >= 0 or math.isinf(min_delta):
             raise ValueError(f"min_delta must be a finite number >= 0 (the gain an epoch must exceed to count as an "
