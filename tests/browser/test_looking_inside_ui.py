@@ -1,0 +1,153 @@
+"""Looking inside, in a real browser: JupyterLab + headless Chromium run `looking_inside_under_test.ipynb`.
+
+The model summary must render as an HTML table and the confusion matrix as an image; the schedule designer's
+plot must change when a rate is edited in the page, show a refused schedule's message inline, and the kernel's
+`designer.code()` must reflect the edit. Screenshots go to tests/output/browser/test_looking_inside_ui/."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).parent
+NOTEBOOK = HERE / "looking_inside_under_test.ipynb"
+OPEN_TIMEOUT = 120  # s: page load and kernel start
+RUN_TIMEOUT = 180  # s: all cells
+
+PANEL = """(() => {
+  for (const w of window.jupyterapp.shell.widgets('main')) if (w.context && w.context.path === %s && w.content) return w;
+  return null;
+})()""" % json.dumps(NOTEBOOK.name)
+
+MARK_CELLS_JS = """() => {
+  const panel = %s;
+  if (!panel) return null;
+  panel.content.widgets.forEach(cell => {
+    const m = /^# browser-test: ([\\w-]+)/.exec(cell.model.sharedModel.getSource());
+    if (m) cell.node.dataset.browserTest = m[1];
+  });
+  return panel.content.widgets.length;
+}""" % PANEL
+
+STATE_JS = """() => {
+  const panel = %s;
+  const kernel = panel.sessionContext.session && panel.sessionContext.session.kernel;
+  return {kernel: kernel ? kernel.status : null, cells: panel.content.widgets.filter(c => c.model.type === 'code').map(c => ({
+    name: c.node.dataset.browserTest || null, count: c.model.executionCount,
+    errors: c.model.outputs.toJSON().filter(o => o.output_type === 'error').map(o => o.ename + ': ' + o.evalue)}))};
+}""" % PANEL
+
+# run code in the notebook's kernel and return what it printed (an error as "ERROR name: value")
+KERNEL_JS = """async (code) => {
+  const kernel = (%s).sessionContext.session.kernel;
+  const future = kernel.requestExecute({code, store_history: false});
+  let out = '';
+  future.onIOPub = msg => {
+    if (msg.header.msg_type === 'stream') out += msg.content.text;
+    if (msg.header.msg_type === 'error') out += 'ERROR ' + msg.content.ename + ': ' + msg.content.evalue;
+  };
+  await future.done;
+  return out;
+}""" % PANEL
+
+PLOT_SRC_JS = """() => { const img = document.querySelector('[data-browser-test="designer"] .designer-plot');
+  return img ? img.src : null; }"""
+
+
+def cell(page, name: str):
+    return page.locator(f'[data-browser-test="{name}"]')
+
+
+def printed(page, key: str):
+    text = "\n".join(cell(page, "done").locator(".jp-OutputArea-output").all_inner_texts())
+    line = next((l for l in text.splitlines() if l.startswith(key + " ")), None)
+    assert line is not None, f"the 'done' cell printed no {key} line: {text}"
+    return json.loads(line[len(key) + 1:])
+
+
+@pytest.fixture(scope="module")
+def page(lab_server, browser, output_dir):
+    context = browser.new_context(viewport={"width": 1280, "height": 1600})
+    page = context.new_page()
+    page.set_default_timeout(OPEN_TIMEOUT * 1000)
+    page.goto(lab_server.lab_url(NOTEBOOK.name))
+    page.wait_for_function(f"() => {{ const p = {PANEL}; return p && p.sessionContext.session "
+                           "&& p.sessionContext.session.kernel && p.sessionContext.session.kernel.status === 'idle'; }")
+    page.evaluate(MARK_CELLS_JS)
+    page.evaluate("() => { window.jupyterapp.commands.execute('notebook:run-all-cells'); }")
+    start, state = time.monotonic(), None
+    while time.monotonic() - start < RUN_TIMEOUT:
+        state = page.evaluate(STATE_JS)
+        errors = [e for c in state["cells"] for e in c["errors"]]
+        if errors:
+            page.screenshot(path=output_dir / "99_error.png")
+            pytest.fail(f"the notebook raised: {errors}", pytrace=False)
+        done = next(c for c in state["cells"] if c["name"] == "done")
+        if done["count"] is not None and state["kernel"] == "idle": break
+        time.sleep(0.3)
+    else:
+        page.screenshot(path=output_dir / "99_timeout.png")
+        pytest.fail(f"the notebook did not finish within {RUN_TIMEOUT} s: {state}", pytrace=False)
+    page.screenshot(path=output_dir / "01_finished.png", full_page=True)
+    yield page
+    context.close()
+
+
+def test_summary_table_renders(page, output_dir):
+    expected = printed(page, "SUMMARY")
+    out = cell(page, "summary").locator(".jp-OutputArea-output")
+    table = out.locator("table.model-summary-layers")
+    assert table.count() == 1, "the summary should render as one HTML table of layers"
+    header = [t.strip() for t in table.locator("thead th").all_inner_texts()]
+    assert header == ["Layer (type)", "Output shape", "Parameters", "Trains"]
+    names = [t.split(" (")[0].strip() for t in table.locator("tbody tr td:first-child").all_inner_texts()]
+    assert names == expected["rows"]
+    totals = dict(tuple(t.strip() for t in row.locator("th, td").all_inner_texts())
+                  for row in out.locator("table.model-summary-totals tr").all())
+    assert int(totals["Total parameters"].replace(",", "")) == expected["total"]
+    # nested rows are indented further than their parents in the page
+    first, nested = (table.locator("tbody tr").nth(i).locator("td").first.evaluate(
+        "td => parseFloat(getComputedStyle(td).paddingLeft)") for i in (0, 1))
+    assert nested > first
+    out.screenshot(path=output_dir / "summary.png")
+
+
+def test_confusion_matrix_renders(page, output_dir):
+    images = cell(page, "confusion").locator('.jp-OutputArea-output img[src^="data:image/png"]')
+    assert images.count() == 1, f"expected the confusion matrix as one PNG image, found {images.count()}"
+    complete, width, height = images.first.evaluate("img => [img.complete, img.naturalWidth, img.naturalHeight]")
+    assert complete and width > 200 and height > 200
+    matrix = printed(page, "MATRIX")
+    assert len(matrix) == 10 and all(len(r) == 10 for r in matrix) and sum(map(sum, matrix)) > 300
+    images.first.screenshot(path=output_dir / "confusion_matrix.png")
+
+
+def test_designer_plot_follows_edits_and_code_reflects_them(page, output_dir):
+    designer = cell(page, "designer").locator(".schedule-designer")
+    designer.wait_for()
+    assert designer.locator(".designer-segment").count() == 2
+    assert printed(page, "CODE").startswith("make_schedule([ScheduleSegment(linear, start_rate=0.0, end_rate=0.1")
+    before = page.evaluate(PLOT_SRC_JS)
+    assert before and before.startswith(("data:image/png", "blob:")), before
+    end = designer.locator(".designer-segment").nth(0).locator(".designer-end input")
+    end.fill("0.05")
+    end.press("Enter")
+    page.wait_for_function(f"(before) => ({PLOT_SRC_JS})() !== before", arg=before, timeout=30_000)
+    designer.screenshot(path=output_dir / "designer_edited.png")
+    code = page.evaluate(KERNEL_JS, "print(designer.code())").strip()
+    assert code == ("make_schedule([ScheduleSegment(linear, start_rate=0.0, end_rate=0.05, step_count=11), "
+                    "ScheduleSegment(cosine, end_rate=0.0)])"), code
+    assert "0.05" in designer.locator(".designer-code").inner_text()
+    # a schedule make_schedule refuses: its message in the page, nothing raised in the kernel
+    valid_plot = page.evaluate(PLOT_SRC_JS)
+    shape = designer.locator(".designer-segment").nth(1).locator(".designer-shape select")
+    shape.select_option("exponential")
+    message = designer.locator(".designer-message")
+    page.wait_for_function("() => document.querySelector('[data-browser-test=\"designer\"] .designer-message')"
+                           ".innerText.includes('cannot end at 0')", timeout=30_000)
+    assert "exponential" in message.inner_text()
+    page.wait_for_function(f"(before) => ({PLOT_SRC_JS})() !== before", arg=valid_plot, timeout=30_000)  # greyed
+    assert page.evaluate(KERNEL_JS, "print(designer.error is not None)").strip() == "True"
+    designer.screenshot(path=output_dir / "designer_refused.png")
