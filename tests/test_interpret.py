@@ -227,3 +227,19 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="2 class names given, but the model predicts 3"): interp.classes = ["a", "b"]
     bad = interpret_model(model, [(torch.randn(2, 4), torch.tensor([0, 5]))], lambda o, t: o.sum())
     with pytest.raises(ValueError, match="outside the 3 classes"): bad.confusion_matrix()
+
+
+def test_loop_interpret_and_summary_are_the_views_of_the_loop():
+    from trainloop_nb.summary import model_summary
+    torch.manual_seed(0)
+    data = Digits(batch_size=64)
+    model = LeNet(in_channels=1, num_classes=10, image_size=8)
+    loop = TrainingLoop(data.training, data.validation, torch.optim.Adam(model.parameters(), lr=3e-3),
+                        include_default_callbacks=False)
+    with pytest.raises(ValueError, match="model=model"): loop.interpret()
+    first_input = next(iter(data.validation))[0]
+    assert loop.summary(model=model).total == model_summary(model, first_input).total == sum(p.numel() for p in model.parameters())
+    loop.fit(model, epochs=1, device="cpu")
+    assert [r.name for r in loop.summary().rows] == [r.name for r in model_summary(model, first_input).rows]
+    assert (loop.interpret().confusion_matrix() == interpret_loop(loop).confusion_matrix()).all()
+    assert torch.equal(loop.interpret(keep_inputs=False).predictions, interpret_loop(loop).predictions)

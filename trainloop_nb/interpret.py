@@ -393,7 +393,7 @@ def interpret_loop(loop: Any, data: Iterable | None = None, model: torch.nn.Modu
     model = model if model is not None else loop.model
     if model is None:
         raise ValueError("the loop has no model yet (it gets one at fit); fit first, or pass it: "
-                         "interpret_loop(loop, model=model)")
+                         "loop.interpret(model=model)")
     data = data if data is not None else loop.validation
     if data is None:
         raise ValueError("the loop has no validation data; pass the batches to look at: loop.interpret(data=...)")

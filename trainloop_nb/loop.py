@@ -127,6 +127,17 @@ class TrainingLoop:
         "The learning rate of the optimizer's first parameter group."
         return self.optimizer.param_groups[0]["lr"]
 
+    # -- views of the model and its results: modules of their own, imported only when asked for ---------
+    def summary(self, model: torch.nn.Module | None = None) -> Any:
+        "A `ModelSummary` of `model` (default: the last fitted one) on the first training batch (see `summary`)."
+        from trainloop_nb.summary import summarize_loop
+        return summarize_loop(self, model)
+
+    def interpret(self, data: Iterable | None = None, **kwargs) -> Any:
+        "An `Interpretation`: the model run once over `data` (default: the validation data) (see `interpret`)."
+        from trainloop_nb.interpret import interpret_loop
+        return interpret_loop(self, data, **kwargs)
+
     # -- callbacks ---------------------------------------------------------------------------
     @property
     def handlers(self) -> dict[Event, list[Any]]:
