@@ -9,7 +9,7 @@ REQS := $(shell sha1sum settings.ini setup.py | sha1sum | cut -c1-12)
 INSTALLED := $(VENV)/.installed-$(REQS)
 DEV_INSTALLED := $(VENV)/.installed-dev-$(REQS)
 
-.PHONY: demo test check-sync readme docs benchmark clean-venv browser-deps
+.PHONY: demo test check-sync readme docs benchmark benchmark-peers clean-venv browser-deps
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -60,5 +60,23 @@ docs: $(DEV_INSTALLED)
 benchmark: $(INSTALLED)
 	$(BIN)/python benchmarks/overhead.py
 
+# TrainingLoop against plain PyTorch loops, fastai's Learner and Lightning's Trainer on one job.
+# The peers live in their own venv: they are never requirements of the project. Each is installed
+# on its own, so one that pip cannot install is left out (the script says so) and the rest still run.
+PEERS_VENV := .venv-peers
+PEERS_INSTALLED := $(PEERS_VENV)/.installed-$(REQS)
+PEERS_ARGS ?=
+
+$(PEERS_INSTALLED):
+	test -x $(PEERS_VENV)/bin/python || $(PYTHON) -m venv $(PEERS_VENV)
+	$(PEERS_VENV)/bin/python -m pip install --upgrade --quiet pip
+	$(PEERS_VENV)/bin/python -m pip install --quiet -e .
+	$(PEERS_VENV)/bin/python -m pip install --quiet fastai || echo "fastai could not be installed; benchmark-peers runs without it"
+	$(PEERS_VENV)/bin/python -m pip install --quiet lightning || echo "lightning could not be installed; benchmark-peers runs without it"
+	touch $@
+
+benchmark-peers: $(PEERS_INSTALLED)
+	$(PEERS_VENV)/bin/python benchmarks/peers.py $(PEERS_ARGS)
+
 clean-venv:
-	rm -rf $(VENV)
+	rm -rf $(VENV) $(PEERS_VENV)
