@@ -33,7 +33,7 @@ test: $(DEV_INSTALLED) browser-deps docs
 	bash tools/check_sync.sh
 	$(BIN)/python tools/readme.py --check
 	$(BIN)/nbdev_test --n_workers 2
-	$(BIN)/python -m pytest tests -q
+	$(BIN)/python -m pytest tests -q -rs  # -rs: every skip prints its reason
 
 # The browser tests drive Debian's Chromium (Playwright cannot download its own browsers here).
 browser-deps:

@@ -315,3 +315,12 @@ def test_a_model_on_the_cpu_comes_back_to_the_cpu_after_a_test_on_cuda():
     assert all(p.device.type == "cpu" for p in model.parameters())
     assert all(v.device.type == "cpu" for s in loop.optimizer.state.values() for v in s.values())
     assert_same(before, everything(model, loop.optimizer, data))
+
+
+def test_the_loop_method_is_the_function():
+    loop, model, _ = regression(seed=3)
+    by_method = loop.lr_find(model, num_steps=20, device="cpu")
+    loop2, model2, _ = regression(seed=3)
+    by_function = lr_find(loop2, model2, num_steps=20, device="cpu")
+    assert by_method.rates == by_function.rates and by_method.losses == by_function.losses
+    assert by_method.suggestion == by_function.suggestion

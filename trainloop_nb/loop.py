@@ -138,6 +138,12 @@ class TrainingLoop:
         from trainloop_nb.interpret import interpret_loop
         return interpret_loop(self, data, **kwargs)
 
+    def lr_find(self, model: torch.nn.Module, start_lr: float = 1e-7, end_lr: float = 10.0, num_steps: int = 100,
+                device: str | torch.device | None = None, **kwargs) -> Any:
+        "The learning-rate range test on this loop's data, optimizer and loss; leaves everything as found (see `callbacks.lr_finder`)."
+        from trainloop_nb.callbacks.lr_finder import lr_find
+        return lr_find(self, model, start_lr, end_lr, num_steps, device, **kwargs)
+
     # -- callbacks ---------------------------------------------------------------------------
     @property
     def handlers(self) -> dict[Event, list[Any]]:
