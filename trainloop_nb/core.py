@@ -112,7 +112,10 @@ def register_default_callback(cls: type) -> type:
     "Give every loop made from now on (with `include_default_callbacks=True`) an instance of `cls`; returns `cls`."
     if not (isinstance(cls, type) and issubclass(cls, Callback)):
         raise TypeError(f"register_default_callback takes a Callback subclass, got {cls!r}")
-    if cls not in DEFAULT_CALLBACKS: DEFAULT_CALLBACKS.append(cls)
+    # A class of the same name registered again (its notebook cell re-run) takes the earlier one's place.
+    same = [i for i, c in enumerate(DEFAULT_CALLBACKS) if c.__qualname__ == cls.__qualname__]
+    if same: DEFAULT_CALLBACKS[same[0]] = cls
+    else: DEFAULT_CALLBACKS.append(cls)
     return cls
 
 def callback_name(callback: Any) -> str:
