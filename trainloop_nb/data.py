@@ -110,7 +110,7 @@ class TrainingEpochs:
         if epoch < 0: raise ValueError(f"epoch must be >= 0, got {epoch}")
         self.epoch = epoch
 
-    def shard(self, rank: int, world_size: int) -> None:
+    def set_rank(self, rank: int, world_size: int) -> None:
         "Serve only rank `rank`'s share of each batch of `batch_size * world_size` samples (the loop calls this)."
         _check_rank(rank, world_size)
         served = self.batch_size * world_size
@@ -156,7 +156,7 @@ class ValidationBatches:
         "Batches per pass, the short last one included (this rank's, in a distributed run)."
         return len(range(self.rank, math.ceil(self.sample_count / self.batch_size), self.world_size))
 
-    def shard(self, rank: int, world_size: int) -> None:
+    def set_rank(self, rank: int, world_size: int) -> None:
         "Serve only batches `rank`, `rank + world_size`, ... of the single-process ones: no sample twice (the loop calls this)."
         _check_rank(rank, world_size)
         self.rank, self.world_size = rank, world_size

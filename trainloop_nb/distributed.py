@@ -61,8 +61,8 @@ def _has_distributed_sampler(data: Any) -> bool:
 def shard_data(data: Iterable | None, rank: int, world_size: int, training: bool) -> bool:
     "Give this rank its share of `data`; returns whether each rank sees a different part (so metrics are summed)."
     if data is None: return False
-    if hasattr(data, "shard"):
-        data.shard(rank, world_size)  # also in a single process, where (0, 1) undoes an earlier run's split
+    if hasattr(data, "set_rank"):
+        data.set_rank(rank, world_size)  # also in a single process, where (0, 1) undoes an earlier run's split
         return world_size > 1
     if world_size == 1: return False
     if _has_distributed_sampler(data): return True

@@ -361,19 +361,20 @@ class TrainingLoop:
         self._autocast, self.scaler = _precision_tools(self.precision, self.device)
         self._plain_step = self.precision == "32" and self.accumulate_steps == 1
         self._gradient_factor, self._last_of_epoch, self._step_hook, self._made_group = 1.0, False, None, False
-        self.rank, self.world_size = 0, 1
-        if distributed: self.rank, self.world_size, self._made_group = join_process_group(self.device)
+        rank, world_size = 0, 1
+        if distributed: rank, world_size, self._made_group = join_process_group(self.device)
+        self.rank, self.world_size = rank, world_size
         try:
             self.model = model.to(self.device)
             _move_optimizer_state(self.optimizer, self.device)
             self._inference_model = self._training_model = torch.compile(self.model) if compile else self.model
             self._ddp = None
-            if self.world_size > 1:
+            if world_size > 1:
                 prepare_metrics(self.metrics)
                 ids = [self.device.index] if self.device.type == "cuda" else None
                 self._ddp = self._training_model = torch.nn.parallel.DistributedDataParallel(self._inference_model, device_ids=ids)
-            self._sum_over_ranks = {Phase.training: shard_data(self.training, self.rank, self.world_size, training=True),
-                                    Phase.validation: shard_data(self.validation, self.rank, self.world_size, training=False)}
+            self._sum_over_ranks = {Phase.training: shard_data(self.training, rank, world_size, training=True),
+                                    Phase.validation: shard_data(self.validation, rank, world_size, training=False)}
             if self.scaler is not None:
                 self._step_hook = self.optimizer.register_step_post_hook(self._note_optimizer_step)
         except BaseException:
