@@ -299,6 +299,13 @@ class TrainingLoop:
         self._with_events(Event.batch_start, self._validation_step, Event.batch_end, CancelBatch, finish=self._count_batch)
 
     def _validation_step(self) -> None:
+        if self.precision != "32": return self._mixed_validation_step()
+        self.last_step_output = self._inference_model(self.last_step_input)
+        self._fire(Event.inference_prediction_end)
+        self.last_step_loss = _check_loss(self.loss_func(self.last_step_output, self.last_step_target))
+
+    def _mixed_validation_step(self) -> None:
+        "The same with the forward pass and the loss under autocast (callbacks run outside it, in full precision)."
         with self._autocast: self.last_step_output = self._inference_model(self.last_step_input)
         self._fire(Event.inference_prediction_end)
         with self._autocast: self.last_step_loss = _check_loss(self.loss_func(self.last_step_output, self.last_step_target))
