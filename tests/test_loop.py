@@ -339,6 +339,27 @@ def test_per_batch_path_reads_nothing_back_from_the_device():
     assert few == many > 0
 
 
+def count_syncs_and_steps(train_batches, **options):
+    loop, model = make_loop(train_batches=train_batches, metrics=["accuracy", "top5_accuracy", "mcc", "perplexity"])
+    with count_host_reads() as count:
+        loop.fit(model, epochs=2, **options)
+    return count[0], loop.step
+
+
+@pytest.mark.parametrize("options", [dict(precision="bf16-mixed"), dict(accumulate_steps=2), dict(accumulate_steps=4),
+                                     dict(precision="bf16-mixed", accumulate_steps=3)])
+def test_mixed_precision_and_accumulation_add_no_host_reads(options):
+    (few, _), (many, _) = count_syncs_and_steps(3, **options), count_syncs_and_steps(12, **options)
+    assert few == many > 0
+
+
+def test_float16_reads_only_what_grad_scaler_reads_once_per_step():
+    # GradScaler.step reads its overflow flag (`.item()`) before an optimizer that cannot skip on the device;
+    # that is PyTorch's read, once per step. The loop adds none: it learns of a skipped step from a step hook.
+    (few, few_steps), (many, many_steps) = count_syncs_and_steps(3, precision="16-mixed"), count_syncs_and_steps(12, precision="16-mixed")
+    assert many - few == many_steps - few_steps > 0
+
+
 def test_state_is_fresh_at_fit_start_of_a_second_fit():
     seen = []
     def probe(loop, event):

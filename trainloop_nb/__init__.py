@@ -9,8 +9,8 @@ __all__ = []
 # %% ../nbs/99_package.ipynb #3f418476
 import importlib
 
-_MODULES = ("core", "data", "data_files", "metrics", "loop", "models", "callbacks.progress", "callbacks.charts",
-            "callbacks.logging", "callbacks.schedule", "callbacks.inspector", "callbacks.lr_finder",
+_MODULES = ("core", "data", "data_files", "metrics", "distributed", "loop", "models", "callbacks.progress",
+            "callbacks.charts", "callbacks.logging", "callbacks.schedule", "callbacks.inspector", "callbacks.lr_finder",
             "callbacks.clipping", "callbacks.early_stopping", "callbacks.checkpoint", "summary", "interpret", "designer", "demo")
 
 def _load_all() -> list[str]:

@@ -13,7 +13,8 @@ import torch
 # %% auto #0
 __all__ = ['DEFAULT_CALLBACKS', 'default_device', 'to_device', 'Event', 'Phase', 'CancelException', 'CancelBatch',
            'CancelTraining', 'CancelValidation', 'CancelEpoch', 'CancelFit', 'Order', 'Callback',
-           'register_default_callback', 'callback_name', 'event_handlers', 'add_note', 'note_callback_error']
+           'register_default_callback', 'callback_name', 'event_handlers', 'main_process_only', 'add_note',
+           'note_callback_error']
 
 # %% ../nbs/00_core.ipynb #0448b874
 def default_device(device: str | torch.device | None = None) -> torch.device:
@@ -144,6 +145,13 @@ def event_handlers(callbacks: Iterable[Any]) -> dict[Event, list[tuple[Any, Call
 
 def _bind_event(fn: Callable, event: Event) -> Callable:
     return lambda loop: fn(loop, event)
+
+# %% ../nbs/00_core.ipynb #5745fb6e
+def main_process_only(callback: Any, loop: Any) -> bool:
+    "At `fit_start`: True on rank 0 (or the only process); on other ranks switch `callback` off and return False."
+    if getattr(loop, "rank", 0) == 0: return True
+    loop.set_enabled(callback, False)
+    return False
 
 # %% ../nbs/00_core.ipynb #f75ab467
 def add_note(error: BaseException, note: str) -> None:

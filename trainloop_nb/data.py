@@ -50,6 +50,12 @@ def _sample_count(dataset, tensors: tuple[Tensor, ...] | None) -> int:
     if n == 0: raise ValueError("the dataset is empty: there is nothing to make batches from")
     return n
 
+def _check_rank(rank: int, world_size: int) -> None:
+    if not (isinstance(world_size, numbers.Integral) and world_size >= 1 and isinstance(rank, numbers.Integral)
+            and 0 <= rank < world_size):
+        raise ValueError(f"rank must be in 0..world_size-1 and world_size at least 1, got rank={rank!r}, "
+                         f"world_size={world_size!r}")
+
 def _check_batch_size(batch_size: int) -> int:
     if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
@@ -85,11 +91,13 @@ class TrainingEpochs:
                              f"drop_last=True would leave no batch at all; use batch_size <= {self.sample_count}, "
                              "or drop_last=False to keep the one short batch")
         self.epoch = 0
+        self.rank, self.world_size = 0, 1
 
     def __len__(self) -> int:
-        "Batches per epoch."
-        if self.drop_last: return self.sample_count // self.batch_size
-        return math.ceil(self.sample_count / self.batch_size)
+        "Batches per epoch (of this rank, in a distributed run)."
+        served = self.batch_size * self.world_size  # samples per step over all ranks
+        if self.drop_last: return self.sample_count // served
+        return math.ceil(self.sample_count / served)
 
     def epoch_order(self, epoch: int) -> Tensor:
         "The sample indices of `epoch` in the order they are served: the same for the same `(seed, epoch)`."
@@ -102,8 +110,31 @@ class TrainingEpochs:
         if epoch < 0: raise ValueError(f"epoch must be >= 0, got {epoch}")
         self.epoch = epoch
 
+    def set_rank(self, rank: int, world_size: int) -> None:
+        "Serve only rank `rank`'s share of each batch of `batch_size * world_size` samples (the loop calls this)."
+        _check_rank(rank, world_size)
+        served = self.batch_size * world_size
+        if self.drop_last and self.sample_count < served:
+            raise ValueError(f"{world_size} processes with batch_size={self.batch_size} need {served} samples per step, "
+                             f"but the dataset has {self.sample_count}; use a smaller batch_size or fewer processes")
+        last = self.sample_count % served
+        if not self.drop_last and 0 < last < world_size:
+            raise ValueError(f"the last batch of each epoch holds {last} samples, fewer than the {world_size} processes, "
+                             "so a process would have nothing to train on; use drop_last=True or another batch_size")
+        self.rank, self.world_size = rank, world_size
+
+    def _rank_share(self, order: Tensor) -> Tensor:
+        "This rank's part of each global batch of `batch_size * world_size` samples of `order`, in order."
+        if self.world_size == 1: return order
+        served = self.batch_size * self.world_size
+        whole = len(order) // served * served
+        shares = order[:whole].view(-1, self.world_size, self.batch_size)[:, self.rank].reshape(-1)
+        rest = order[whole:]
+        if self.drop_last or not len(rest): return shares
+        return torch.cat([shares, rest.tensor_split(self.world_size)[self.rank]])
+
     def __iter__(self) -> Iterator:
-        order = self.epoch_order(self.epoch)
+        order = self._rank_share(self.epoch_order(self.epoch))
         seed = _epoch_seed(self.seed, self.epoch)
         self.epoch += 1
         return _batches(self.dataset, self._tensors, order, self.batch_size, self.drop_last, self.num_workers, seed)
@@ -119,13 +150,23 @@ class ValidationBatches:
         self.dataset, self.batch_size, self.num_workers = dataset, _check_batch_size(batch_size), num_workers
         self._tensors = _tensors_of(dataset)
         self.sample_count = _sample_count(dataset, self._tensors)
+        self.rank, self.world_size = 0, 1
 
     def __len__(self) -> int:
-        "Batches per pass, the short last one included."
-        return math.ceil(self.sample_count / self.batch_size)
+        "Batches per pass, the short last one included (this rank's, in a distributed run)."
+        return len(range(self.rank, math.ceil(self.sample_count / self.batch_size), self.world_size))
+
+    def set_rank(self, rank: int, world_size: int) -> None:
+        "Serve only batches `rank`, `rank + world_size`, ... of the single-process ones: no sample twice (the loop calls this)."
+        _check_rank(rank, world_size)
+        self.rank, self.world_size = rank, world_size
 
     def __iter__(self) -> Iterator:
         order = torch.arange(self.sample_count)
+        if self.world_size > 1:  # the very batches one process would serve, dealt out in turn
+            mine = order.split(self.batch_size)[self.rank::self.world_size]
+            if not mine: return iter(())
+            order = torch.cat(mine)
         return _batches(self.dataset, self._tensors, order, self.batch_size, False, self.num_workers, 0)
 
     def __repr__(self) -> str:

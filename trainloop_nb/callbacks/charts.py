@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from fastprogress import fastprogress as fp
 
-from ..core import Callback, Phase
+from ..core import Callback, Phase, main_process_only
 from .progress import ProgressPrinter
 
 # %% auto #0
@@ -46,6 +46,7 @@ class LiveLossPlot(Callback):
         self._figure = self._handle = None
 
     def fit_start(self, loop) -> None:
+        if not main_process_only(self, loop): return  # one chart for a distributed run: rank 0's
         self._reset()
         self._drawing = (self.mode or ("notebook" if fp.IN_NOTEBOOK else "console")) == "notebook"
         self._last_step = loop.step

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from ..core import Callback, Phase
+from ..core import Callback, Phase, main_process_only
 
 # %% auto #0
 __all__ = ['CSVLogger', 'TensorBoardLogger']
@@ -31,6 +31,7 @@ class CSVLogger(Callback):
         self.file = None
 
     def fit_start(self, loop) -> None:
+        if not main_process_only(self, loop): return  # one file for a distributed run: rank 0 writes it
         self.columns = ["epoch", "batch", "phase"] + [m.name for m in loop.metrics]
         self.path.parent.mkdir(parents=True, exist_ok=True)
         header = self._existing_header() if self.append else None
@@ -91,6 +92,7 @@ class TensorBoardLogger(Callback):
         self._pending: list[tuple] = []
 
     def fit_start(self, loop) -> None:
+        if not main_process_only(self, loop): return  # one run folder for a distributed run: rank 0 writes it
         self.run_dir = _new_run_dir(self.log_dir)
         self.writers = {phase: self._writer_class(str(self.run_dir / folder))
                         for phase, folder in ((Phase.training, "train"), (Phase.validation, "validation"))}

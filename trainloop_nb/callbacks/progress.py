@@ -13,7 +13,7 @@ from typing import Any, TextIO
 from fastprogress.core import format_time
 from fastprogress import fastprogress as fp
 
-from ..core import Callback, Order, Phase, register_default_callback
+from ..core import Callback, Order, Phase, main_process_only, register_default_callback
 
 # %% auto #0
 __all__ = ['format_value', 'table_columns', 'table_row', 'ProgressPrinter']
@@ -55,6 +55,7 @@ class ProgressPrinter(Callback):
         return "terminal" if getattr(out, "isatty", lambda: False)() else "plain"
 
     def fit_start(self, loop) -> None:
+        if not main_process_only(self, loop): return  # one display for a distributed run: rank 0's
         self._mode, self.rows = self._choose_mode(), []
         self.columns = table_columns(loop)
         self.master = self.bar = None
