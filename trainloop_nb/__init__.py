@@ -6,7 +6,7 @@ __version__ = "0.1.0"
 # %% auto #0
 __all__ = []
 
-# %% ../nbs/99_package.ipynb #3f71af72
+# %% ../nbs/99_package.ipynb #8b5d2df7
 import importlib
 
 _MODULES = ("core", "data", "data_files", "metrics", "loop", "models", "callbacks.progress", "callbacks.charts",
@@ -29,4 +29,4 @@ def __getattr__(name: str):
 
 # nbdev writes `__all__ = []` at the top of every module; here a real `__all__` would stop `import *` from
 # asking `__getattr__` for it, so it is made on first use instead.
-del __all__
+globals().pop("__all__", None)

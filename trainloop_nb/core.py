@@ -66,7 +66,7 @@ class Event(str, enum.Enum):
 
     def __str__(self) -> str: return self.value
 
-# %% ../nbs/00_core.ipynb #c5b54071
+# %% ../nbs/00_core.ipynb #7ecf23be
 class Phase(str, enum.Enum):
     "The phase a fit is in while batches flow: `loop.phase` (None outside both)."
     training = "training"
