@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import os
 import time
+import warnings
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -29,17 +30,26 @@ class CSVLogger(Callback):
             raise ValueError(f"CSVLogger writes a CSV file, so the path must end in .csv, but {str(path)!r} "
                              f"ends in {self.path.suffix or 'no extension'!r}; use a path like 'run/log.csv'")
         self.file = None
+        self._size, self._resume = 0, None
 
     def fit_start(self, loop) -> None:
+        self._check_alone(loop)
         self.columns = ["epoch", "batch", "phase"] + [m.name for m in loop.metrics]
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        header = self._existing_header() if self.append else None
+        continuing = self._cut_to_checkpoint()  # a resumed run: the file as it was at its checkpoint
+        header = self._existing_header() if self.append or continuing else None
         if header is not None and header != self.columns:
             raise ValueError(f"{self.path} already has the columns {header}, but this fit logs {self.columns}; "
                              "append only to a log of the same metrics, or use another path or append=False")
-        self.file = open(self.path, "a" if self.append else "w", newline="", encoding="utf-8")
+        self.file = open(self.path, "a" if self.append or continuing else "w", newline="", encoding="utf-8")
         self.writer = csv.writer(self.file)
         if header is None: self._write(self.columns)
+
+    def _check_alone(self, loop) -> None:
+        same = [cb for cb in loop.callbacks if isinstance(cb, CSVLogger) and cb.path.resolve() == self.path.resolve()]
+        if len(same) > 1:
+            raise ValueError(f"{len(same)} CSVLoggers in this fit write to {self.path}, so their rows would mix in one "
+                             "file; give each its own path, or keep one")
 
     def _existing_header(self) -> list[str] | None:
         if not self.path.is_file(): return None
@@ -55,8 +65,33 @@ class CSVLogger(Callback):
         self.file.flush()
 
     def fit_end(self, loop) -> None:
-        if self.file is not None: self.file.close()
+        if self.file is not None:
+            self._size = self.file.tell()
+            self.file.close()
         self.file = None
+
+    def state_dict(self) -> dict[str, Any]:
+        "The file's length now: a run resumed from this state cuts away what was written after it, then appends."
+        return {"size": self.file.tell() if self.file is not None else self._size}  # tell() after the flush of each row
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        "Continue the log of the run `state` came from at the next `fit_start`."
+        if not isinstance(state.get("size"), int):
+            raise ValueError("a CSVLogger state needs 'size' (the log's length in bytes); pass what CSVLogger.state_dict() returned")
+        self._resume = state
+
+    def _cut_to_checkpoint(self) -> bool:
+        "Resuming: cut the file back to its length at the checkpoint; False (a warning) if it is missing or shorter."
+        resume, self._resume = self._resume, None
+        if resume is None or resume["size"] == 0: return False  # stopped before the header: start afresh
+        size = self.path.stat().st_size if self.path.is_file() else None
+        if size is None or size < resume["size"]:
+            warnings.warn(f"the resumed run's CSV log {self.path} is {'missing' if size is None else 'shorter than at its checkpoint'}, "
+                          "so it cannot be continued; a new log starts there with the resumed epochs' rows", stacklevel=2)
+            if size is not None: self.path.rename(self.path.with_name(self.path.stem + ".before-resume.csv"))
+            return False
+        with open(self.path, "r+b") as f: f.truncate(resume["size"])  # rows after the checkpoint: the resumed run writes them again
+        return True
 
 # %% ../../nbs/12_callbacks.logging.ipynb #63d964e5
 def _summary_writer_class() -> type:
@@ -89,9 +124,12 @@ class TensorBoardLogger(Callback):
         self.run_dir: Path | None = None
         self.writers: dict[str, Any] = {}
         self._pending: list[tuple] = []
+        self._resume: dict | None = None
 
     def fit_start(self, loop) -> None:
-        self.run_dir = _new_run_dir(self.log_dir)
+        resume, self._resume = self._resume, None
+        self.run_dir = self._continue_run(resume) if resume is not None else None
+        if self.run_dir is None: self.run_dir = _new_run_dir(self.log_dir)
         self.writers = {phase: self._writer_class(str(self.run_dir / folder))
                         for phase, folder in ((Phase.training, "train"), (Phase.validation, "validation"))}
         self._pending, self._last_step = [], loop.step
@@ -143,3 +181,34 @@ class TensorBoardLogger(Callback):
         finally:
             for writer in self.writers.values(): writer.close()
             self.writers, self._pending = {}, []
+
+    def state_dict(self) -> dict[str, Any]:
+        "The run folder and the length of each of its event files, after a flush (one wait for the device, at a checkpoint)."
+        if self.run_dir is None: return {"run": None, "files": {}}
+        if self.writers: self.flush()
+        return {"run": self.run_dir.name,
+                "files": {p.relative_to(self.run_dir).as_posix(): p.stat().st_size for p in _event_files(self.run_dir)}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        "Continue the run folder of the run `state` came from at the next `fit_start`."
+        if not isinstance(state, dict) or "run" not in state or not isinstance(state.get("files"), dict):
+            raise ValueError("a TensorBoardLogger state needs 'run' and 'files'; pass what TensorBoardLogger.state_dict() returned")
+        self._resume = state
+
+    def _continue_run(self, resume: dict[str, Any]) -> Path | None:
+        "The saved run folder, its event files cut back to their length at the checkpoint and later ones removed."
+        if resume["run"] is None: return None
+        run_dir = self.log_dir / resume["run"]
+        if not run_dir.is_dir():
+            warnings.warn(f"the resumed run's TensorBoard folder {run_dir} is missing, so the resumed steps go to a new "
+                          "run folder", stacklevel=2)
+            return None
+        for path in _event_files(run_dir):
+            size = resume["files"].get(path.relative_to(run_dir).as_posix())
+            if size is None: path.unlink()  # written after the checkpoint: its steps come again
+            elif path.stat().st_size > size:
+                with open(path, "r+b") as f: f.truncate(size)  # whole records only: the sizes were taken after a flush
+        return run_dir
+
+def _event_files(run_dir: Path) -> list[Path]:
+    return sorted(p for p in run_dir.glob("*/events.out.tfevents.*") if p.is_file())
