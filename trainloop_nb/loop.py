@@ -101,6 +101,240 @@ def _move_optimizer_state(optimizer: torch.optim.Optimizer, device: torch.device
             if isinstance(value, torch.Tensor) and (value.dim() > 0 or key != "step"):
                 state[key] = value.to(device, non_blocking=True)
 
+# %% ../nbs/03_loop.ipynb #e1307da6
+import math
+import os
+import random
+import signal
+import threading
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+_STATE_VERSION = 1
+_STATE_KEYS = ("step", "epoch_count", "history", "position", "rng", "data", "callbacks")
+
+def _resume_error(message: str) -> Exception:
+    from .callbacks.checkpoint import CheckpointError  # here: the loop imports no callback module at load time
+    return CheckpointError(message)
+
+def _read_checkpoint(path: str | os.PathLike) -> tuple[dict, str]:
+    "The state in a checkpoint file, or in the newest one of a directory, and the file's name for messages."
+    from .callbacks.checkpoint import latest_checkpoint, load_checkpoint
+    path = Path(path)
+    if path.is_dir() and latest_checkpoint(path) is not None: path = latest_checkpoint(path)
+    return load_checkpoint(path), str(path)  # a missing, cut short or corrupt file is an error naming it
+
+def _check_run_state(state: Any, source: str) -> None:
+    if not isinstance(state, dict) or any(k not in state for k in _STATE_KEYS):
+        have = sorted(state)[:8] if isinstance(state, dict) else type(state).__name__
+        raise _resume_error(f"{source} is not the state of a TrainingLoop run (it has {have}); resume from a file a "
+                            "Checkpoint callback wrote, or from what loop.state_dict() returned")
+    if state.get("version", 0) > _STATE_VERSION:
+        raise _resume_error(f"{source} was written by a newer trainloop_nb (run state version {state['version']}); upgrade to resume it")
+
+# -- random number generators: torch (CPU and the CUDA device in use), numpy, random ----------------------------------
+def _torch_rng_state(device: torch.device | None) -> dict[str, torch.Tensor]:
+    state = {"cpu": torch.get_rng_state()}
+    if device is not None and device.type == "cuda": state["cuda"] = torch.cuda.get_rng_state(device)  # no device wait
+    return state
+
+def _set_torch_rng_state(state: dict[str, torch.Tensor], device: torch.device | None) -> None:
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and device is not None and device.type == "cuda": torch.cuda.set_rng_state(state["cuda"], device)
+
+def _rng_state(device: torch.device | None) -> dict[str, Any]:
+    return {"torch": _torch_rng_state(device), "numpy": np.random.get_state(), "random": random.getstate()}
+
+def _set_rng_state(state: dict[str, Any], device: torch.device | None, torch_too: bool = True) -> None:
+    if torch_too: _set_torch_rng_state(state["torch"], device)
+    np.random.set_state(state["numpy"])
+    random.setstate(state["random"])
+
+# -- the data: its own position (TrainingEpochs), or the generators its order comes from (a DataLoader) --------------
+def _has_state(obj: Any) -> bool:
+    return callable(getattr(obj, "state_dict", None)) and callable(getattr(obj, "load_state_dict", None))
+
+def _data_state(data: Any) -> Any: return data.state_dict() if _has_state(data) else None
+
+def _load_data_state(data: Any, state: Any) -> None:
+    if state is not None and _has_state(data): data.load_state_dict(state)
+
+def _data_generators(data: Any) -> list[torch.Generator]:
+    "The generators a DataLoader draws its order from: its own, its sampler's, its batch sampler's sampler's."
+    found: list[torch.Generator] = []
+    for owner in (data, getattr(data, "sampler", None), getattr(getattr(data, "batch_sampler", None), "sampler", None)):
+        generator = getattr(owner, "generator", None)
+        if isinstance(generator, torch.Generator) and all(generator is not g for g in found): found.append(generator)
+    return found
+
+def _phase_start_state(data: Any, device: torch.device | None) -> dict[str, Any]:
+    "What iter(data) depends on, taken just before it: torch's generators, the data's own, the data's position."
+    return {"torch": _torch_rng_state(device), "generators": [g.get_state() for g in _data_generators(data)],
+            "data": _data_state(data)}
+
+def _restore_phase_start(data: Any, state: dict[str, Any], device: torch.device | None) -> None:
+    _set_torch_rng_state(state["torch"], device)
+    for generator, saved in zip(_data_generators(data), state["generators"]): generator.set_state(saved)
+    _load_data_state(data, state["data"])
+
+def _skips_itself(data: Any, start: dict[str, Any]) -> bool:
+    "Data whose state has a 'batch' entry (TrainingEpochs) starts its next iter() at that batch when told."
+    return isinstance(start["data"], dict) and "batch" in start["data"]
+
+# -- metric sums of an unfinished phase ------------------------------------------------------------------------------
+def _plain(value: Any) -> Any:
+    return value.detach().clone() if isinstance(value, torch.Tensor) else copy.deepcopy(value)
+
+def _is_plain(value: Any) -> bool:
+    return value is None or isinstance(value, (bool, int, float, str, torch.Tensor))
+
+def _metric_state(metric: Metric) -> dict[str, Any]:
+    "A metric's sums so far (tensors cloned, on their device): its own state_dict(), a torchmetrics state, or its plain attributes."
+    if _has_state(metric): return metric.state_dict()
+    inner = getattr(metric, "metric", None)
+    if hasattr(inner, "metric_state"):  # a torchmetrics Metric behind TorchMetric
+        return {"torchmetrics": {k: _plain(v) for k, v in inner.metric_state.items()},
+                "update_count": getattr(inner, "_update_count", 0)}
+    return {k: _plain(v) for k, v in vars(metric).items() if _is_plain(v)}
+
+def _on(value: Any, device: torch.device) -> Any:
+    if isinstance(value, torch.Tensor): return value.to(device)
+    if isinstance(value, list): return [_on(v, device) for v in value]
+    return value
+
+def _load_metric_state(metric: Metric, state: dict[str, Any], device: torch.device) -> None:
+    if _has_state(metric): return metric.load_state_dict(state)
+    if "torchmetrics" in state:
+        for k, v in state["torchmetrics"].items(): setattr(metric.metric, k, _on(v, device))
+        metric.metric._update_count = state["update_count"]
+        return
+    for k, v in state.items(): setattr(metric, k, _on(v, device))
+
+# -- callbacks with state --------------------------------------------------------------------------------------------
+def _stateful_callbacks(callbacks: Iterable[Any]) -> dict[str, Any]:
+    "The callbacks with `state_dict`/`load_state_dict`, by class name (`Name#2`, `Name#3` for further ones of a class)."
+    found, seen = {}, {}
+    for cb in callbacks:
+        if isinstance(cb, type) or not _has_state(cb): continue
+        name = type(cb).__qualname__
+        seen[name] = seen.get(name, 0) + 1
+        found[name if seen[name] == 1 else f"{name}#{seen[name]}"] = cb
+    return found
+
+def _load_callback_states(callbacks: list[Any], states: dict[str, Any], source: str) -> None:
+    ours = _stateful_callbacks(callbacks)
+    for key, state in states.items():
+        if key in ours: ours[key].load_state_dict(state)
+        else: warnings.warn(f"{source} holds the state of a callback {key} that this fit does not have, so it is not "
+                            "restored; give fit the callbacks of the run that wrote it", stacklevel=4)
+
+# -- Ctrl-C and SIGTERM ----------------------------------------------------------------------------------------------
+_SIGNALS = ((signal.SIGINT, signal.default_int_handler), (signal.SIGTERM, signal.SIG_DFL))
+
+class _SignalGuard:
+    "During a fit, Ctrl-C raises KeyboardInterrupt and SIGTERM SystemExit, both held while a training batch is under way."
+    def __init__(self): self.previous, self.holding, self.pending, self.terminated = {}, False, None, False
+
+    def install(self) -> None:
+        self.holding, self.pending, self.terminated = False, None, False
+        if threading.current_thread() is not threading.main_thread(): return  # only the main thread may set handlers
+        for signum, default in _SIGNALS:
+            if signal.getsignal(signum) is default:  # a handler of the user's own is left in place
+                self.previous[signum] = signal.signal(signum, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.holding and self.pending is None:  # a second signal while one is held is not held: a way out of a hang
+            self.pending = signum
+            return
+        self._raise(signum)
+
+    def _raise(self, signum: int) -> None:
+        if signum != signal.SIGTERM: raise KeyboardInterrupt
+        self.terminated = True
+        error = SystemExit(128 + signum)
+        add_note(error, "SIGTERM: the fit stopped as after Ctrl-C (fit_end ran); the process then ends as SIGTERM ends it")
+        raise error
+
+    def release(self) -> None:
+        "End holding; raise a signal that came while it held."
+        self.holding = False
+        if self.pending is not None:
+            signum, self.pending = self.pending, None
+            self._raise(signum)
+
+    def restore(self) -> None:
+        "Put the handlers found at install back; after a SIGTERM, deliver it again to end the process as it would have."
+        self.holding, self.pending = False, None
+        for signum, handler in self.previous.items(): signal.signal(signum, handler)
+        self.previous = {}
+        if self.terminated:
+            self.terminated = False
+            signal.raise_signal(signal.SIGTERM)
+
+# -- non-finite training loss ----------------------------------------------------------------------------------------
+class _NonfiniteWatch:
+    "Where the training loss first stopped being finite, kept on the device: three small device ops a step, one read a phase."
+    def __init__(self): self.start(0)
+
+    def start(self, step: int) -> None:
+        self.ok = self.reached = None
+        self.first_step, self.previous_batch = step, -1
+
+    def update(self, loss: torch.Tensor, batch_index: int) -> None:
+        if self.ok is None:
+            self.ok = torch.ones((), dtype=torch.bool, device=loss.device)
+            self.reached = torch.zeros((), dtype=torch.int64, device=loss.device)
+        gap, self.previous_batch = batch_index - self.previous_batch, batch_index
+        # While every loss so far is finite, count this step (low 32 bits) and the batches up to it (high 32 bits).
+        self.reached.add_(self.ok, alpha=(gap << 32) + 1)
+        self.ok.logical_and_(torch.isfinite(loss))
+
+    def first_nonfinite(self) -> tuple[int, int] | None:
+        "(batch index, step) of the phase's first non-finite loss, or None; one read from the device."
+        if self.ok is None: return None
+        ok, reached = torch.stack([self.ok.to(torch.int64), self.reached]).tolist()
+        if ok: return None
+        return (reached >> 32) - 1, self.first_step + (reached & 0xFFFFFFFF)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"ok": _plain(self.ok), "reached": _plain(self.reached), "first_step": self.first_step,
+                "previous_batch": self.previous_batch}
+
+    def load_state_dict(self, state: dict[str, Any], device: torch.device) -> None:
+        self.ok, self.reached = _on(state["ok"], device), _on(state["reached"], device)
+        self.first_step, self.previous_batch = state["first_step"], state["previous_batch"]
+
+# -- messages for data and models the loop cannot use ----------------------------------------------------------------
+def _no_batches_error(data: Any, training: bool, epoch_index: int) -> ValueError:
+    which = "training" if training else "validation"
+    if isinstance(data, Iterator):  # a generator, or any iterator: iter() gives itself, so a second epoch finds it empty
+        when = "was used up by an earlier epoch" if epoch_index else "produced no batches"
+        return ValueError(f"the {which} data is a single-use iterator ({type(data).__name__}) and {when}: every epoch "
+                          "iterates the data again, so pass something that can be iterated more than once, such as a "
+                          "list of batches, a DataLoader, or TrainingEpochs / ValidationBatches")
+    if training:
+        return ValueError("the training data produced no batches this epoch; check that the dataset is not "
+                          "empty and that batch_size is not larger than it with drop_last=True")
+    return ValueError("the validation data produced no batches, so there is nothing to validate on (its metrics would be "
+                      "nan); check that it is not empty, or pass validation=None to train without validation")
+
+def _non_tensor_output_note(output: Any, metric: Any) -> str:
+    kind = type(output).__name__
+    return (f"the model returned a {kind}, and the metric {getattr(metric, 'name', metric)!r} takes a tensor: make the model "
+            f"return one tensor, or pass metrics (as well as a loss_func) that take a {kind}")
+
+def _warn_left_out(model: torch.nn.Module, optimizer_params: set[int]) -> None:
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    left_out = [p for p in trainable if id(p) not in optimizer_params]
+    if not left_out: return
+    warnings.warn(f"the optimizer holds {len(trainable) - len(left_out)} of the model's {len(trainable)} trainable parameter "
+                  f"tensors: {len(left_out)} ({sum(p.numel() for p in left_out):,} values) will not be trained. Build it "
+                  "from model.parameters(), or freeze those with requires_grad_(False) if that is meant", stacklevel=4)
+
+
 # %% ../nbs/03_loop.ipynb #b73b1b7c
 class TrainingLoop:
     "A Learner-like training loop: `fit(model, epochs, device)` with callbacks at every event."
@@ -498,237 +732,3 @@ class TrainingLoop:
                 except Exception as error:
                     add_note(self.exception, f"loop.resume() will not be possible: {type(error).__name__}: {error}")
         finally: self._signals.restore()
-
-# %% ../nbs/03_loop.ipynb #e1307da6
-import math
-import os
-import random
-import signal
-import threading
-import warnings
-from collections.abc import Iterator
-from pathlib import Path
-
-import numpy as np
-
-_STATE_VERSION = 1
-_STATE_KEYS = ("step", "epoch_count", "history", "position", "rng", "data", "callbacks")
-
-def _resume_error(message: str) -> Exception:
-    from .callbacks.checkpoint import CheckpointError  # here: the loop imports no callback module at load time
-    return CheckpointError(message)
-
-def _read_checkpoint(path: str | os.PathLike) -> tuple[dict, str]:
-    "The state in a checkpoint file, or in the newest one of a directory, and the file's name for messages."
-    from .callbacks.checkpoint import latest_checkpoint, load_checkpoint
-    path = Path(path)
-    if path.is_dir() and latest_checkpoint(path) is not None: path = latest_checkpoint(path)
-    return load_checkpoint(path), str(path)  # a missing, cut short or corrupt file is an error naming it
-
-def _check_run_state(state: Any, source: str) -> None:
-    if not isinstance(state, dict) or any(k not in state for k in _STATE_KEYS):
-        have = sorted(state)[:8] if isinstance(state, dict) else type(state).__name__
-        raise _resume_error(f"{source} is not the state of a TrainingLoop run (it has {have}); resume from a file a "
-                            "Checkpoint callback wrote, or from what loop.state_dict() returned")
-    if state.get("version", 0) > _STATE_VERSION:
-        raise _resume_error(f"{source} was written by a newer trainloop_nb (run state version {state['version']}); upgrade to resume it")
-
-# -- random number generators: torch (CPU and the CUDA device in use), numpy, random ----------------------------------
-def _torch_rng_state(device: torch.device | None) -> dict[str, torch.Tensor]:
-    state = {"cpu": torch.get_rng_state()}
-    if device is not None and device.type == "cuda": state["cuda"] = torch.cuda.get_rng_state(device)  # no device wait
-    return state
-
-def _set_torch_rng_state(state: dict[str, torch.Tensor], device: torch.device | None) -> None:
-    torch.set_rng_state(state["cpu"])
-    if "cuda" in state and device is not None and device.type == "cuda": torch.cuda.set_rng_state(state["cuda"], device)
-
-def _rng_state(device: torch.device | None) -> dict[str, Any]:
-    return {"torch": _torch_rng_state(device), "numpy": np.random.get_state(), "random": random.getstate()}
-
-def _set_rng_state(state: dict[str, Any], device: torch.device | None, torch_too: bool = True) -> None:
-    if torch_too: _set_torch_rng_state(state["torch"], device)
-    np.random.set_state(state["numpy"])
-    random.setstate(state["random"])
-
-# -- the data: its own position (TrainingEpochs), or the generators its order comes from (a DataLoader) --------------
-def _has_state(obj: Any) -> bool:
-    return callable(getattr(obj, "state_dict", None)) and callable(getattr(obj, "load_state_dict", None))
-
-def _data_state(data: Any) -> Any: return data.state_dict() if _has_state(data) else None
-
-def _load_data_state(data: Any, state: Any) -> None:
-    if state is not None and _has_state(data): data.load_state_dict(state)
-
-def _data_generators(data: Any) -> list[torch.Generator]:
-    "The generators a DataLoader draws its order from: its own, its sampler's, its batch sampler's sampler's."
-    found: list[torch.Generator] = []
-    for owner in (data, getattr(data, "sampler", None), getattr(getattr(data, "batch_sampler", None), "sampler", None)):
-        generator = getattr(owner, "generator", None)
-        if isinstance(generator, torch.Generator) and all(generator is not g for g in found): found.append(generator)
-    return found
-
-def _phase_start_state(data: Any, device: torch.device | None) -> dict[str, Any]:
-    "What iter(data) depends on, taken just before it: torch's generators, the data's own, the data's position."
-    return {"torch": _torch_rng_state(device), "generators": [g.get_state() for g in _data_generators(data)],
-            "data": _data_state(data)}
-
-def _restore_phase_start(data: Any, state: dict[str, Any], device: torch.device | None) -> None:
-    _set_torch_rng_state(state["torch"], device)
-    for generator, saved in zip(_data_generators(data), state["generators"]): generator.set_state(saved)
-    _load_data_state(data, state["data"])
-
-def _skips_itself(data: Any, start: dict[str, Any]) -> bool:
-    "Data whose state has a 'batch' entry (TrainingEpochs) starts its next iter() at that batch when told."
-    return isinstance(start["data"], dict) and "batch" in start["data"]
-
-# -- metric sums of an unfinished phase ------------------------------------------------------------------------------
-def _plain(value: Any) -> Any:
-    return value.detach().clone() if isinstance(value, torch.Tensor) else copy.deepcopy(value)
-
-def _is_plain(value: Any) -> bool:
-    return value is None or isinstance(value, (bool, int, float, str, torch.Tensor))
-
-def _metric_state(metric: Metric) -> dict[str, Any]:
-    "A metric's sums so far (tensors cloned, on their device): its own state_dict(), a torchmetrics state, or its plain attributes."
-    if _has_state(metric): return metric.state_dict()
-    inner = getattr(metric, "metric", None)
-    if hasattr(inner, "metric_state"):  # a torchmetrics Metric behind TorchMetric
-        return {"torchmetrics": {k: _plain(v) for k, v in inner.metric_state.items()},
-                "update_count": getattr(inner, "_update_count", 0)}
-    return {k: _plain(v) for k, v in vars(metric).items() if _is_plain(v)}
-
-def _on(value: Any, device: torch.device) -> Any:
-    if isinstance(value, torch.Tensor): return value.to(device)
-    if isinstance(value, list): return [_on(v, device) for v in value]
-    return value
-
-def _load_metric_state(metric: Metric, state: dict[str, Any], device: torch.device) -> None:
-    if _has_state(metric): return metric.load_state_dict(state)
-    if "torchmetrics" in state:
-        for k, v in state["torchmetrics"].items(): setattr(metric.metric, k, _on(v, device))
-        metric.metric._update_count = state["update_count"]
-        return
-    for k, v in state.items(): setattr(metric, k, _on(v, device))
-
-# -- callbacks with state --------------------------------------------------------------------------------------------
-def _stateful_callbacks(callbacks: Iterable[Any]) -> dict[str, Any]:
-    "The callbacks with `state_dict`/`load_state_dict`, by class name (`Name#2`, `Name#3` for further ones of a class)."
-    found, seen = {}, {}
-    for cb in callbacks:
-        if isinstance(cb, type) or not _has_state(cb): continue
-        name = type(cb).__qualname__
-        seen[name] = seen.get(name, 0) + 1
-        found[name if seen[name] == 1 else f"{name}#{seen[name]}"] = cb
-    return found
-
-def _load_callback_states(callbacks: list[Any], states: dict[str, Any], source: str) -> None:
-    ours = _stateful_callbacks(callbacks)
-    for key, state in states.items():
-        if key in ours: ours[key].load_state_dict(state)
-        else: warnings.warn(f"{source} holds the state of a callback {key} that this fit does not have, so it is not "
-                            "restored; give fit the callbacks of the run that wrote it", stacklevel=4)
-
-# -- Ctrl-C and SIGTERM ----------------------------------------------------------------------------------------------
-_SIGNALS = ((signal.SIGINT, signal.default_int_handler), (signal.SIGTERM, signal.SIG_DFL))
-
-class _SignalGuard:
-    "During a fit, Ctrl-C raises KeyboardInterrupt and SIGTERM SystemExit, both held while a training batch is under way."
-    def __init__(self): self.previous, self.holding, self.pending, self.terminated = {}, False, None, False
-
-    def install(self) -> None:
-        self.holding, self.pending, self.terminated = False, None, False
-        if threading.current_thread() is not threading.main_thread(): return  # only the main thread may set handlers
-        for signum, default in _SIGNALS:
-            if signal.getsignal(signum) is default:  # a handler of the user's own is left in place
-                self.previous[signum] = signal.signal(signum, self._handle)
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.holding and self.pending is None:  # a second signal while one is held is not held: a way out of a hang
-            self.pending = signum
-            return
-        self._raise(signum)
-
-    def _raise(self, signum: int) -> None:
-        if signum != signal.SIGTERM: raise KeyboardInterrupt
-        self.terminated = True
-        error = SystemExit(128 + signum)
-        add_note(error, "SIGTERM: the fit stopped as after Ctrl-C (fit_end ran); the process then ends as SIGTERM ends it")
-        raise error
-
-    def release(self) -> None:
-        "End holding; raise a signal that came while it held."
-        self.holding = False
-        if self.pending is not None:
-            signum, self.pending = self.pending, None
-            self._raise(signum)
-
-    def restore(self) -> None:
-        "Put the handlers found at install back; after a SIGTERM, deliver it again to end the process as it would have."
-        self.holding, self.pending = False, None
-        for signum, handler in self.previous.items(): signal.signal(signum, handler)
-        self.previous = {}
-        if self.terminated:
-            self.terminated = False
-            signal.raise_signal(signal.SIGTERM)
-
-# -- non-finite training loss ----------------------------------------------------------------------------------------
-class _NonfiniteWatch:
-    "Where the training loss first stopped being finite, kept on the device: three small device ops a step, one read a phase."
-    def __init__(self): self.start(0)
-
-    def start(self, step: int) -> None:
-        self.ok = self.reached = None
-        self.first_step, self.previous_batch = step, -1
-
-    def update(self, loss: torch.Tensor, batch_index: int) -> None:
-        if self.ok is None:
-            self.ok = torch.ones((), dtype=torch.bool, device=loss.device)
-            self.reached = torch.zeros((), dtype=torch.int64, device=loss.device)
-        gap, self.previous_batch = batch_index - self.previous_batch, batch_index
-        # While every loss so far is finite, count this step (low 32 bits) and the batches up to it (high 32 bits).
-        self.reached.add_(self.ok, alpha=(gap << 32) + 1)
-        self.ok.logical_and_(torch.isfinite(loss))
-
-    def first_nonfinite(self) -> tuple[int, int] | None:
-        "(batch index, step) of the phase's first non-finite loss, or None; one read from the device."
-        if self.ok is None: return None
-        ok, reached = torch.stack([self.ok.to(torch.int64), self.reached]).tolist()
-        if ok: return None
-        return (reached >> 32) - 1, self.first_step + (reached & 0xFFFFFFFF)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"ok": _plain(self.ok), "reached": _plain(self.reached), "first_step": self.first_step,
-                "previous_batch": self.previous_batch}
-
-    def load_state_dict(self, state: dict[str, Any], device: torch.device) -> None:
-        self.ok, self.reached = _on(state["ok"], device), _on(state["reached"], device)
-        self.first_step, self.previous_batch = state["first_step"], state["previous_batch"]
-
-# -- messages for data and models the loop cannot use ----------------------------------------------------------------
-def _no_batches_error(data: Any, training: bool, epoch_index: int) -> ValueError:
-    which = "training" if training else "validation"
-    if isinstance(data, Iterator):  # a generator, or any iterator: iter() gives itself, so a second epoch finds it empty
-        when = "was used up by an earlier epoch" if epoch_index else "produced no batches"
-        return ValueError(f"the {which} data is a single-use iterator ({type(data).__name__}) and {when}: every epoch "
-                          "iterates the data again, so pass something that can be iterated more than once, such as a "
-                          "list of batches, a DataLoader, or TrainingEpochs / ValidationBatches")
-    if training:
-        return ValueError("the training data produced no batches this epoch; check that the dataset is not "
-                          "empty and that batch_size is not larger than it with drop_last=True")
-    return ValueError("the validation data produced no batches, so there is nothing to validate on (its metrics would be "
-                      "nan); check that it is not empty, or pass validation=None to train without validation")
-
-def _non_tensor_output_note(output: Any, metric: Any) -> str:
-    kind = type(output).__name__
-    return (f"the model returned a {kind}, and the metric {getattr(metric, 'name', metric)!r} takes a tensor: make the model "
-            f"return one tensor, or pass metrics (as well as a loss_func) that take a {kind}")
-
-def _warn_left_out(model: torch.nn.Module, optimizer_params: set[int]) -> None:
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    left_out = [p for p in trainable if id(p) not in optimizer_params]
-    if not left_out: return
-    warnings.warn(f"the optimizer holds {len(trainable) - len(left_out)} of the model's {len(trainable)} trainable parameter "
-                  f"tensors: {len(left_out)} ({sum(p.numel() for p in left_out):,} values) will not be trained. Build it "
-                  "from model.parameters(), or freeze those with requires_grad_(False) if that is meant", stacklevel=4)
-
