@@ -10,7 +10,7 @@ __all__ = []
 import importlib
 
 _MODULES = ("core", "data", "data_files", "metrics", "loop", "models", "callbacks.progress", "callbacks.charts",
-            "callbacks.logging", "callbacks.schedule", "callbacks.inspector", "demo")
+            "callbacks.logging", "callbacks.schedule", "callbacks.inspector", "callbacks.early_stopping", "callbacks.checkpoint", "demo")
 
 def _load_all() -> list[str]:
     "Import every module and copy its public names here; returns them all, in module order."
