@@ -6,7 +6,7 @@ __version__ = "0.1.0"
 # %% auto #0
 __all__ = []
 
-# %% ../nbs/99_package.ipynb #18c1aba4
+# %% ../nbs/99_package.ipynb #4030357f
 import importlib
 
 _MODULES = ("core", "data", "data_files", "metrics", "loop", "models", "callbacks.progress", "callbacks.charts",
