@@ -276,7 +276,7 @@ class _SignalGuard:
 
 # -- non-finite training loss ----------------------------------------------------------------------------------------
 class _NonfiniteWatch:
-    "Where the training loss first stopped being finite, kept on the device: three small device ops a step, one read a phase."
+    "Where the training loss first stopped being finite, kept on the device: four tiny device ops a step, read only after a non-finite loss."
     def __init__(self): self.start(0)
 
     def start(self, step: int) -> None:
@@ -290,7 +290,7 @@ class _NonfiniteWatch:
         gap, self.previous_batch = batch_index - self.previous_batch, batch_index
         # While every loss so far is finite, count this step (low 32 bits) and the batches up to it (high 32 bits).
         self.reached.add_(self.ok, alpha=(gap << 32) + 1)
-        self.ok.logical_and_(torch.isfinite(loss))
+        self.ok.logical_and_(loss.mul(0).eq_(0))  # x * 0 is 0 unless x is nan or ±inf: cheaper than isfinite
 
     def first_nonfinite(self) -> tuple[int, int] | None:
         "(batch index, step) of the phase's first non-finite loss, or None; one read from the device."
