@@ -604,3 +604,20 @@ def test_optimizer_with_part_of_the_parameters_warns_with_counts():
 def test_two_csv_loggers_on_one_path_are_an_error(tmp_path):
     loop, model = build(tmp_path, [CSVLogger(tmp_path / "." / "log.csv")])
     with pytest.raises(ValueError, match="2 CSVLoggers in this fit write to"): loop.fit(model, epochs=EPOCHS)
+
+
+def test_metric_sums_of_every_kind_resume_mid_phase(tmp_path):
+    torchmetrics = pytest.importorskip("torchmetrics")
+    def run(extra=(), resume_from=None):
+        x, y = toy()
+        torch.manual_seed(1)
+        model = torch.nn.Linear(5, 2)
+        loop = TrainingLoop(TrainingEpochs((x[:48], y[:48]), 8), ValidationBatches((x[48:], y[48:]), 4),
+                            torch.optim.SGD(model.parameters(), lr=0.1), include_default_callbacks=False, callbacks=list(extra),
+                            metrics=[torchmetrics.classification.MulticlassAccuracy(num_classes=2), "mcc", "top5_accuracy", "perplexity"])
+        try: return loop.fit(model, epochs=2, resume_from=resume_from)
+        except KeyboardInterrupt: return None
+    expected = run()
+    run([InterruptAt(Event.inference_prediction_end, 5), Checkpoint(tmp_path / "ck", every_epochs=None)])  # mid-validation
+    assert load_checkpoint(tmp_path / "ck")["position"]["phase"] == "validation"
+    assert without_time(run(resume_from=tmp_path / "ck")) == without_time(expected)
