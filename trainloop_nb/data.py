@@ -77,7 +77,7 @@ def _epoch_seed(seed: int, epoch: int) -> int:
     "The generator seed of `epoch`: a fixed function of `(seed, epoch)`, different for every epoch."
     return (seed * 1_000_003 + epoch) % 2**63
 
-# %% ../nbs/01_data.ipynb #f328b878
+# %% ../nbs/01_data.ipynb #555ea284
 class TrainingEpochs:
     "Training batches, one reshuffled epoch per `iter()`; the order of epoch `e` is fixed by `(seed, e)`."
     def __init__(self, dataset: Dataset | tuple[Tensor, ...], batch_size: int, shuffle: bool = True,
@@ -134,10 +134,33 @@ class TrainingEpochs:
         return torch.cat([shares, rest.tensor_split(self.world_size)[self.rank]])
 
     def __iter__(self) -> Iterator:
-        order = self._rank_share(self.epoch_order(self.epoch))
+        order = self._rank_share(self.epoch_order(self.epoch))[self._take_start_batch() * self.batch_size:]
         seed = _epoch_seed(self.seed, self.epoch)
         self.epoch += 1
         return _batches(self.dataset, self._tensors, order, self.batch_size, self.drop_last, self.num_workers, seed)
+
+    # A resumed run continues an epoch where it stopped: the loop saves `state_dict()` as each epoch starts,
+    # and resuming, hands it back with the batches already done; the next iter() starts there.
+    _start_batch = 0
+
+    def state_dict(self) -> dict[str, int]:
+        "Where the next `iter()` starts: `{'epoch': e, 'batch': b}`."
+        return {"epoch": self.epoch, "batch": self._start_batch}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        "Make the next `iter()` serve epoch `state['epoch']` from its batch `state['batch']` on, without making the batches before it."
+        epoch, batch = state.get("epoch"), state.get("batch", 0)
+        for name, value, top in (("epoch", epoch, None), ("batch", batch, len(self))):
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0 or (top is not None and value > top):
+                limit = f" and at most {top} (batches per epoch)" if top is not None else ""
+                raise ValueError(f"a TrainingEpochs state needs a whole number {name} >= 0{limit}, got {value!r}; "
+                                 "pass what state_dict() returned")
+        self.set_epoch(int(epoch))
+        self._start_batch = int(batch)
+
+    def _take_start_batch(self) -> int:
+        start, self._start_batch = self._start_batch, 0  # for one iter() only
+        return start
 
     def __repr__(self) -> str:
         return (f"TrainingEpochs({self.sample_count} samples, batch_size={self.batch_size}, {len(self)} batches, "

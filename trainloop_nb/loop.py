@@ -26,19 +26,38 @@ from .metrics import Metric, make_metrics
 # %% auto #0
 __all__ = ['softmax_cross_entropy', 'sigmoid_cross_entropy', 'mean_squared_error', 'TrainingLoop']
 
-# %% ../nbs/03_loop.ipynb #67e0b83a
+# %% ../nbs/03_loop.ipynb #dd7764c2
 def softmax_cross_entropy(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     "Mean cross-entropy of class logits `[N, C]` (or `[N, T, C]`) against class indices `[N]` (or `[N, T]`)."
+    _check_output(output, "softmax_cross_entropy")
     if output.dim() > 2: output, target = output.reshape(-1, output.shape[-1]), target.reshape(-1)
     return F.cross_entropy(output, target)
 
 def sigmoid_cross_entropy(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    "Mean binary cross-entropy of logits against 0/1 targets of the same number of elements."
-    return F.binary_cross_entropy_with_logits(output, target.reshape(output.shape).to(output.dtype))
+    "Mean binary cross-entropy of logits against 0/1 targets of the output's shape (a trailing 1 may differ)."
+    return F.binary_cross_entropy_with_logits(output, _matching_target(output, target, "sigmoid_cross_entropy"))
 
 def mean_squared_error(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    "Mean squared difference between output and target."
-    return F.mse_loss(output, target.reshape(output.shape).to(output.dtype))
+    "Mean squared difference between output and a target of the output's shape (a trailing 1 may differ)."
+    return F.mse_loss(output, _matching_target(output, target, "mean_squared_error"))
+
+def _check_output(output: Any, name: str) -> None:
+    if isinstance(output, torch.Tensor): return
+    raise TypeError(f"{name} takes the model's output as a tensor, but the model returned a {type(output).__name__}; "
+                    "make the model return one tensor (e.g. the logits), or give TrainingLoop a loss_func (and "
+                    f"metrics) that take a {type(output).__name__}")
+
+def _matching_target(output: torch.Tensor, target: torch.Tensor, name: str) -> torch.Tensor:
+    "The target as the output's shape and dtype; only a trailing dimension of 1 may differ (`[N]` against `[N, 1]`)."
+    _check_output(output, name)
+    shape, wanted = tuple(target.shape), tuple(output.shape)
+    # Broadcasting would silently pair every output with every target ([N, 1] against [N] gives [N, N]),
+    # and a reshape would silently pair the wrong ones ([N, 2] against a transposed [2, N]): refuse both.
+    if shape != wanted and shape + (1,) != wanted and shape != wanted + (1,):
+        raise ValueError(f"{name}: the target has shape {shape} but the output has shape {wanted}; they must match "
+                         "(a trailing dimension of 1 may differ, as in [N] and [N, 1]); check the target's layout "
+                         "(a transposed target, or targets of another batch)")
+    return target.reshape(wanted).to(output.dtype)
 
 # %% ../nbs/03_loop.ipynb #70dd1869
 _PHASE_EVENTS = {  # phase -> (start event, end event, its cancel, history prefix)
@@ -119,13 +138,247 @@ def _precision_tools(precision: str, device: torch.device) -> tuple[Any, Any]:
                              "use precision='32' (or 'bf16-mixed') there") from None
     return autocast, scaler
 
-# %% ../nbs/03_loop.ipynb #0ee2efdd
+# %% ../nbs/03_loop.ipynb #6854e9a3
+import math
+import os
+import random
+import signal
+import threading
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+_STATE_VERSION = 1
+_STATE_KEYS = ("step", "epoch_count", "history", "position", "rng", "data", "callbacks")
+
+def _resume_error(message: str) -> Exception:
+    from .callbacks.checkpoint import CheckpointError  # here: the loop imports no callback module at load time
+    return CheckpointError(message)
+
+def _read_checkpoint(path: str | os.PathLike) -> tuple[dict, str]:
+    "The state in a checkpoint file, or in the newest one of a directory, and the file's name for messages."
+    from .callbacks.checkpoint import latest_checkpoint, load_checkpoint
+    path = Path(path)
+    if path.is_dir() and latest_checkpoint(path) is not None: path = latest_checkpoint(path)
+    return load_checkpoint(path), str(path)  # a missing, cut short or corrupt file is an error naming it
+
+def _check_run_state(state: Any, source: str) -> None:
+    if not isinstance(state, dict) or any(k not in state for k in _STATE_KEYS):
+        have = sorted(state)[:8] if isinstance(state, dict) else type(state).__name__
+        raise _resume_error(f"{source} is not the state of a TrainingLoop run (it has {have}); resume from a file a "
+                            "Checkpoint callback wrote, or from what loop.state_dict() returned")
+    if state.get("version", 0) > _STATE_VERSION:
+        raise _resume_error(f"{source} was written by a newer trainloop_nb (run state version {state['version']}); upgrade to resume it")
+
+# -- random number generators: torch (CPU and the CUDA device in use), numpy, random ----------------------------------
+def _torch_rng_state(device: torch.device | None) -> dict[str, torch.Tensor]:
+    state = {"cpu": torch.get_rng_state()}
+    if device is not None and device.type == "cuda": state["cuda"] = torch.cuda.get_rng_state(device)  # no device wait
+    return state
+
+def _set_torch_rng_state(state: dict[str, torch.Tensor], device: torch.device | None) -> None:
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and device is not None and device.type == "cuda": torch.cuda.set_rng_state(state["cuda"], device)
+
+def _rng_state(device: torch.device | None) -> dict[str, Any]:
+    return {"torch": _torch_rng_state(device), "numpy": np.random.get_state(), "random": random.getstate()}
+
+def _set_rng_state(state: dict[str, Any], device: torch.device | None, torch_too: bool = True) -> None:
+    if torch_too: _set_torch_rng_state(state["torch"], device)
+    np.random.set_state(state["numpy"])
+    random.setstate(state["random"])
+
+# -- the data: its own position (TrainingEpochs), or the generators its order comes from (a DataLoader) --------------
+def _has_state(obj: Any) -> bool:
+    return callable(getattr(obj, "state_dict", None)) and callable(getattr(obj, "load_state_dict", None))
+
+def _data_state(data: Any) -> Any: return data.state_dict() if _has_state(data) else None
+
+def _load_data_state(data: Any, state: Any) -> None:
+    if state is not None and _has_state(data): data.load_state_dict(state)
+
+def _data_generators(data: Any) -> list[torch.Generator]:
+    "The generators a DataLoader draws its order from: its own, its sampler's, its batch sampler's sampler's."
+    found: list[torch.Generator] = []
+    for owner in (data, getattr(data, "sampler", None), getattr(getattr(data, "batch_sampler", None), "sampler", None)):
+        generator = getattr(owner, "generator", None)
+        if isinstance(generator, torch.Generator) and all(generator is not g for g in found): found.append(generator)
+    return found
+
+def _phase_start_state(data: Any, device: torch.device | None) -> dict[str, Any]:
+    "What iter(data) depends on, taken just before it: torch's generators, the data's own, the data's position."
+    return {"torch": _torch_rng_state(device), "generators": [g.get_state() for g in _data_generators(data)],
+            "data": _data_state(data)}
+
+def _restore_phase_start(data: Any, state: dict[str, Any], device: torch.device | None) -> None:
+    _set_torch_rng_state(state["torch"], device)
+    for generator, saved in zip(_data_generators(data), state["generators"]): generator.set_state(saved)
+    _load_data_state(data, state["data"])
+
+def _skips_itself(data: Any, start: dict[str, Any]) -> bool:
+    "Data whose state has a 'batch' entry (TrainingEpochs) starts its next iter() at that batch when told."
+    return isinstance(start["data"], dict) and "batch" in start["data"]
+
+# -- metric sums of an unfinished phase ------------------------------------------------------------------------------
+def _plain(value: Any) -> Any:
+    return value.detach().clone() if isinstance(value, torch.Tensor) else copy.deepcopy(value)
+
+def _is_plain(value: Any) -> bool:
+    return value is None or isinstance(value, (bool, int, float, str, torch.Tensor))
+
+def _metric_state(metric: Metric) -> dict[str, Any]:
+    "A metric's sums so far (tensors cloned, on their device): its own state_dict(), a torchmetrics state, or its plain attributes."
+    if _has_state(metric): return metric.state_dict()
+    inner = getattr(metric, "metric", None)
+    if hasattr(inner, "metric_state"):  # a torchmetrics Metric behind TorchMetric
+        return {"torchmetrics": {k: _plain(v) for k, v in inner.metric_state.items()},
+                "update_count": getattr(inner, "_update_count", 0)}
+    return {k: _plain(v) for k, v in vars(metric).items() if _is_plain(v)}
+
+def _on(value: Any, device: torch.device) -> Any:
+    if isinstance(value, torch.Tensor): return value.to(device)
+    if isinstance(value, list): return [_on(v, device) for v in value]
+    return value
+
+def _load_metric_state(metric: Metric, state: dict[str, Any], device: torch.device) -> None:
+    if _has_state(metric): return metric.load_state_dict(state)
+    if "torchmetrics" in state:
+        for k, v in state["torchmetrics"].items(): setattr(metric.metric, k, _on(v, device))
+        metric.metric._update_count = state["update_count"]
+        return
+    for k, v in state.items(): setattr(metric, k, _on(v, device))
+
+# -- callbacks with state --------------------------------------------------------------------------------------------
+def _stateful_callbacks(callbacks: Iterable[Any]) -> dict[str, Any]:
+    "The callbacks with `state_dict`/`load_state_dict`, by class name (`Name#2`, `Name#3` for further ones of a class)."
+    found, seen = {}, {}
+    for cb in callbacks:
+        if isinstance(cb, type) or not _has_state(cb): continue
+        name = type(cb).__qualname__
+        seen[name] = seen.get(name, 0) + 1
+        found[name if seen[name] == 1 else f"{name}#{seen[name]}"] = cb
+    return found
+
+def _load_callback_states(callbacks: list[Any], states: dict[str, Any], source: str) -> None:
+    ours = _stateful_callbacks(callbacks)
+    for key, state in states.items():
+        if key in ours: ours[key].load_state_dict(state)
+        else: warnings.warn(f"{source} holds the state of a callback {key} that this fit does not have, so it is not "
+                            "restored; give fit the callbacks of the run that wrote it", stacklevel=4)
+
+# -- Ctrl-C and SIGTERM ----------------------------------------------------------------------------------------------
+_SIGNALS = ((signal.SIGINT, signal.default_int_handler), (signal.SIGTERM, signal.SIG_DFL))
+
+class _SignalGuard:
+    "During a fit, Ctrl-C raises KeyboardInterrupt and SIGTERM SystemExit, both held while a training batch is under way."
+    def __init__(self): self.previous, self.holding, self.pending, self.terminated = {}, False, None, False
+
+    def install(self) -> None:
+        self.holding, self.pending, self.terminated = False, None, False
+        if threading.current_thread() is not threading.main_thread(): return  # only the main thread may set handlers
+        for signum, default in _SIGNALS:
+            if signal.getsignal(signum) is default:  # a handler of the user's own is left in place
+                self.previous[signum] = signal.signal(signum, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.holding and self.pending is None:  # a second signal while one is held is not held: a way out of a hang
+            self.pending = signum
+            return
+        self._raise(signum)
+
+    def _raise(self, signum: int) -> None:
+        if signum != signal.SIGTERM: raise KeyboardInterrupt
+        self.terminated = True
+        error = SystemExit(128 + signum)
+        add_note(error, "SIGTERM: the fit stopped as after Ctrl-C (fit_end ran); the process then ends as SIGTERM ends it")
+        raise error
+
+    def release(self) -> None:
+        "End holding; raise a signal that came while it held."
+        self.holding = False
+        if self.pending is not None:
+            signum, self.pending = self.pending, None
+            self._raise(signum)
+
+    def restore(self) -> None:
+        "Put the handlers found at install back; after a SIGTERM, deliver it again to end the process as it would have."
+        self.holding, self.pending = False, None
+        for signum, handler in self.previous.items(): signal.signal(signum, handler)
+        self.previous = {}
+        if self.terminated:
+            self.terminated = False
+            signal.raise_signal(signal.SIGTERM)
+
+# -- non-finite training loss ----------------------------------------------------------------------------------------
+class _NonfiniteWatch:
+    "Where the training loss first stopped being finite, kept on the device: four tiny device ops a step, read only after a non-finite loss."
+    def __init__(self): self.start(0)
+
+    def start(self, step: int) -> None:
+        self.ok = self.reached = None
+        self.first_step, self.previous_batch = step, -1
+
+    def update(self, loss: torch.Tensor, batch_index: int) -> None:
+        if self.ok is None:
+            self.ok = torch.ones((), dtype=torch.bool, device=loss.device)
+            self.reached = torch.zeros((), dtype=torch.int64, device=loss.device)
+        gap, self.previous_batch = batch_index - self.previous_batch, batch_index
+        # While every loss so far is finite, count this step (low 32 bits) and the batches up to it (high 32 bits).
+        self.reached.add_(self.ok, alpha=(gap << 32) + 1)
+        self.ok.logical_and_(loss.mul(0).eq_(0))  # x * 0 is 0 unless x is nan or ±inf: cheaper than isfinite
+
+    def first_nonfinite(self) -> tuple[int, int] | None:
+        "(batch index, step) of the phase's first non-finite loss, or None; one read from the device."
+        if self.ok is None: return None
+        ok, reached = torch.stack([self.ok.to(torch.int64), self.reached]).tolist()
+        if ok: return None
+        return (reached >> 32) - 1, self.first_step + (reached & 0xFFFFFFFF)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"ok": _plain(self.ok), "reached": _plain(self.reached), "first_step": self.first_step,
+                "previous_batch": self.previous_batch}
+
+    def load_state_dict(self, state: dict[str, Any], device: torch.device) -> None:
+        self.ok, self.reached = _on(state["ok"], device), _on(state["reached"], device)
+        self.first_step, self.previous_batch = state["first_step"], state["previous_batch"]
+
+# -- messages for data and models the loop cannot use ----------------------------------------------------------------
+def _no_batches_error(data: Any, training: bool, epoch_index: int) -> ValueError:
+    which = "training" if training else "validation"
+    if isinstance(data, Iterator):  # a generator, or any iterator: iter() gives itself, so a second epoch finds it empty
+        when = "was used up by an earlier epoch" if epoch_index else "produced no batches"
+        return ValueError(f"the {which} data is a single-use iterator ({type(data).__name__}) and {when}: every epoch "
+                          "iterates the data again, so pass something that can be iterated more than once, such as a "
+                          "list of batches, a DataLoader, or TrainingEpochs / ValidationBatches")
+    if training:
+        return ValueError("the training data produced no batches this epoch; check that the dataset is not "
+                          "empty and that batch_size is not larger than it with drop_last=True")
+    return ValueError("the validation data produced no batches, so there is nothing to validate on (its metrics would be "
+                      "nan); check that it is not empty, or pass validation=None to train without validation")
+
+def _non_tensor_output_note(output: Any, metric: Any) -> str:
+    kind = type(output).__name__
+    return (f"the model returned a {kind}, and the metric {getattr(metric, 'name', metric)!r} takes a tensor: make the model "
+            f"return one tensor, or pass metrics (as well as a loss_func) that take a {kind}")
+
+def _warn_left_out(model: torch.nn.Module, optimizer_params: set[int]) -> None:
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    left_out = [p for p in trainable if id(p) not in optimizer_params]
+    if not left_out: return
+    warnings.warn(f"the optimizer holds {len(trainable) - len(left_out)} of the model's {len(trainable)} trainable parameter "
+                  f"tensors: {len(left_out)} ({sum(p.numel() for p in left_out):,} values) will not be trained. Build it "
+                  "from model.parameters(), or freeze those with requires_grad_(False) if that is meant", stacklevel=4)
+
+
+# %% ../nbs/03_loop.ipynb #7d9dbc3d
 class TrainingLoop:
     "A Learner-like training loop: `fit(model, epochs, device)` with callbacks at every event."
 
     def __init__(self, training: Iterable, validation: Iterable | None = None, optimizer: torch.optim.Optimizer | None = None,
                  loss_func: Callable = softmax_cross_entropy, metrics: Iterable[Any] = (), callbacks: Iterable[Any] = (),
-                 include_default_callbacks: bool = True):
+                 include_default_callbacks: bool = True, stop_on_nonfinite: bool = True):
         if optimizer is None: raise TypeError("TrainingLoop needs an optimizer, e.g. torch.optim.SGD(model.parameters(), lr=0.1)")
         _check_loss_func(loss_func)
         self.training, self.validation, self.optimizer, self.loss_func = training, validation, optimizer, loss_func
@@ -144,6 +397,8 @@ class TrainingLoop:
         self._handlers: dict = {}
         self._disabled: set[int] = set()
         self._step_metrics: list[Metric] | None = None
+        self.stop_on_nonfinite = bool(stop_on_nonfinite)
+        self._init_run_state()
 
     # -- state a callback reads ------------------------------------------------------------------
     @property
@@ -223,66 +478,74 @@ class TrainingLoop:
     # -- fit ----------------------------------------------------------------------------------
     def fit(self, model: torch.nn.Module, epochs: int = 1, device: str | torch.device | None = None,
             callbacks: Iterable[Any] = (), *, precision: str = "32", accumulate_steps: int = 1,
-            compile: bool = False) -> list[dict]:
-        "Train `model` for `epochs` on `device` (default: the best available); returns `history`."
+            compile: bool = False, resume_from: str | os.PathLike | dict | None = None) -> list[dict]:
+        "Train `model` for `epochs` on `device` (default: the best available); returns `history`. `resume_from` continues a run."
         epochs = self._check_arguments(model, epochs)
         self.precision, self.accumulate_steps = _check_precision(precision), _check_accumulate_steps(accumulate_steps)
-        self._start_run(model, device, compile)
+        self._set_up_devices(model, device, compile)
         self.callbacks = self._callbacks_for_fit(list(callbacks))
         self._build_handlers()
         self.history, self._step_metrics = [], None
         self.epoch_count, self.epoch_index, self.step, self.exception = epochs, 0, 0, None
         # Before the first phase starts, batch_count describes the training data (stale values would mislead).
         self.phase, self.batch_index, self.batch_count = None, 0, _length(self.training)
+        self._start_run(resume_from, list(callbacks))  # a resumed run is put back here, before fit_start
+        self._signals.install()
         try: self._with_events(Event.fit_start, self._epochs, None, CancelFit)
         except BaseException as error:
             self.exception = error  # fit_end sees it; then it travels on unchanged
             raise
         finally:
             try: self._fit_end()
-            finally: self._end_run()
+            finally:
+                try: self._tear_down_devices()  # wrappers, hooks, a process group the loop made
+                finally: self._end_run()  # keeps where a stopped run stopped (for resume); a SIGTERM ends the process here
             self.phase = None
         return self.history
 
     def _epochs(self) -> None:
-        for self.epoch_index in range(self.epoch_count):
-            record = {"epoch": self.epoch_index + 1}
-            started = time.perf_counter()
-            self._with_events(Event.epoch_start, partial(self._phases, record), Event.epoch_end, CancelEpoch,
-                              finish=lambda: self.history.append({**record, "time": time.perf_counter() - started}))
+        for self.epoch_index in range(self._first_epoch(), self.epoch_count):
+            record, started = self._open_epoch()  # {"epoch": n} and now, or what the resumed epoch already had
+            def finish(): 
+                self.history.append({**record, "time": time.perf_counter() - started})
+                self._epoch_record = None
+            self._with_events(Event.epoch_start, partial(self._phases, record), Event.epoch_end, CancelEpoch, finish=finish)
 
     def _phases(self, record: dict) -> None:
-        self._phase(Phase.training, self.training, record)
-        if self.validation is not None: self._phase(Phase.validation, self.validation, record)
+        if Phase.training not in self._phases_done: self._phase(Phase.training, self.training, record)
+        if self.validation is not None and Phase.validation not in self._phases_done:
+            self._phase(Phase.validation, self.validation, record)
 
     def _phase(self, phase: Phase, data: Iterable, record: dict) -> None:
         self.phase, self.batch_count, self.batch_index = phase, _length(data), 0
         training = phase is Phase.training
         self.model.train(training)
         for metric in self.metrics: metric.reset()
+        self._open_phase(phase)  # the position a resume needs; a resumed phase gets its metric sums back here
         start, end, cancel, prefix = _PHASE_EVENTS[phase]
         def read_metrics():  # one wait per phase
             if self._sum_over_ranks[phase]: sum_over_ranks(self.metrics, self.device)  # every rank, here, once
             record.update({f"{prefix}_{m.name}": m.compute() for m in self.metrics})
+            self._close_phase(phase, record)
         self._with_events(start, partial(self._batches, data, training), end, cancel, finish=read_metrics)
 
     def _batches(self, data: Iterable, training: bool) -> None:
         one_batch = self._training_batch if training else self._validation_batch
-        if training and self.accumulate_steps > 1 and self.batch_count is None: data = self._marking_last(data)
+        batches, done = self._iterate(data)  # iter(data); resuming, moved past the `done` batches of the stopped run
+        if training and self.accumulate_steps > 1 and self.batch_count is None: batches = self._marking_last(batches)
         with torch.set_grad_enabled(training):
-            count = 0
-            for self.batch_index, batch in enumerate(data):
-                count += 1
+            for self.batch_index, batch in enumerate(batches, start=done):
                 one_batch(batch)
-        if training and not count:
-            raise ValueError("the training data produced no batches this epoch; check that the dataset is not "
-                             "empty and that batch_size is not larger than it with drop_last=True")
+        if not self._batches_done: raise _no_batches_error(data, training, self.epoch_index)
 
     # The per-batch path: plain PyTorch, read top to bottom; no host synchronisation anywhere in it.
     def _training_batch(self, batch: Any) -> None:
         self.last_step_input, self.last_step_target = _split_batch(to_device(batch, self.device))
         self.last_step_output = self.last_step_loss = None
-        self._with_events(Event.batch_start, self._training_step, Event.batch_end, CancelBatch, finish=self._count_batch)
+        self._signals.holding = True  # Ctrl-C or SIGTERM waits until this batch is complete: no step is half applied
+        try: self._with_events(Event.batch_start, self._training_step, Event.batch_end, CancelBatch,
+                               finish=self._count_training_batch)
+        finally: self._signals.release()  # and raises one that came meanwhile
 
     def _training_step(self) -> None:
         if not self._plain_step: return self._mixed_or_accumulated_step()  # precision or accumulate_steps given
@@ -293,6 +556,7 @@ class TrainingLoop:
         self._fire(Event.update_start)
         self.optimizer.step()
         self.step += 1
+        if self.stop_on_nonfinite: self._nonfinite.update(self.last_step_loss.detach(), self.batch_index)  # device only
 
     def _mixed_or_accumulated_step(self) -> None:
         "The same step with mixed precision (autocast, GradScaler) and gradients summed over a group of batches."
@@ -327,11 +591,22 @@ class TrainingLoop:
         self._fire(Event.inference_prediction_end)
         with self._autocast: self.last_step_loss = _check_loss(self.loss_func(self.last_step_output, self.last_step_target))
 
+    def _count_training_batch(self) -> None:
+        self._count_batch()
+        # The torch generators as this batch ends (about 4 µs on the CPU; no device wait): a run stopped inside the
+        # next batch, after its dropout drew numbers, resumes by replaying that batch with the same draws.
+        self._batch_rng = _torch_rng_state(self.device)
+
     def _count_batch(self) -> None:
         "Add the batch to the phase's metrics (device work only); a batch cancelled before its loss is not counted."
+        self._batches_done = self.batch_index + 1  # where a resume continues from
         if self.last_step_loss is None: return
         output, target, loss = _detached(self.last_step_output), self.last_step_target, self.last_step_loss.detach()
-        for metric in self.metrics: metric.update(output, target, loss)
+        try:
+            for metric in self.metrics: metric.update(output, target, loss)
+        except Exception as error:
+            if not isinstance(output, torch.Tensor): add_note(error, _non_tensor_output_note(output, metric))
+            raise
 
     # -- precision, accumulation, compile, distributed: the per-batch pieces, then set-up and tear-down per fit --
     def _group_position(self) -> tuple[bool, bool]:
@@ -377,7 +652,7 @@ class TrainingLoop:
             yield batch
             batch = following
 
-    def _start_run(self, model: torch.nn.Module, device: str | torch.device | None, compile: bool) -> None:
+    def _set_up_devices(self, model: torch.nn.Module, device: str | torch.device | None, compile: bool) -> None:
         "Device, process group, model and optimizer on the device, precision tools, the model the batches run through."
         self.device = default_device(device)
         distributed = in_distributed_run()
@@ -402,14 +677,14 @@ class TrainingLoop:
             if self.scaler is not None:
                 self._step_hook = self.optimizer.register_step_post_hook(self._note_optimizer_step)
         except BaseException:
-            self._end_run()
+            self._tear_down_devices()
             raise
 
     def _note_optimizer_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         self._optimizer_stepped = True
 
-    def _end_run(self) -> None:
-        "Undo what `_start_run` set up for this fit only: the step hook, the wrappers, a process group the loop made."
+    def _tear_down_devices(self) -> None:
+        "Undo what `_set_up_devices` set up for this fit only: the step hook, the wrappers, a process group the loop made."
         if self._step_hook is not None: self._step_hook.remove()
         self._step_hook, self._ddp = None, None
         self._training_model = self._inference_model = self.model
@@ -450,7 +725,178 @@ class TrainingLoop:
         if not model_params & optimizer_params:
             raise ValueError("the optimizer holds none of this model's parameters; create it from this model, "
                              "e.g. torch.optim.SGD(model.parameters(), lr=0.1), after building the model")
+        _warn_left_out(model, optimizer_params)
+        if self.validation is not None and _length(self.validation) == 0:
+            raise ValueError("the validation data is empty (len() == 0), so there is nothing to validate on and its metrics "
+                             "would be nan; give it at least one batch, or pass validation=None to train without validation")
         if _length(self.training) == 0:
             raise ValueError("the training data is empty (len() == 0); give it at least one batch "
                              "(with drop_last=True the dataset must hold at least batch_size samples)")
         return int(epochs)
+
+    # -- long runs: the run's state, resuming it, signals, non-finite losses (see "Long runs" below) ----------
+    def _init_run_state(self) -> None:
+        self._signals, self._nonfinite = _SignalGuard(), _NonfiniteWatch()
+        self._pending_state: dict | None = None  # from load_state_dict: the next fit continues it
+        self._stopped_state: dict | None = None  # where the last fit stopped on an error or interrupt: resume() continues it
+        self._resume: dict | None = None  # the run being continued, until the loop reaches its position
+        self._fit_callbacks: list[Any] = []
+        self._epoch_record, self._epoch_started, self._phases_done = None, 0.0, []
+        self._open_phase_name, self._phase_start, self._batch_rng, self._batches_done = None, None, None, 0
+
+    def state_dict(self) -> dict[str, Any]:
+        "The run at its last completed step: model, optimizer, position, history, RNGs and callback states (what a checkpoint holds)."
+        if self.model is None: raise RuntimeError("state_dict() describes a run: call it during or after fit()")
+        # As with Module.state_dict(), the model's and optimizer's tensors are the live ones: save it before training goes on.
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), **self._run_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        "Make the next `fit` continue the run `state` came from (a `state_dict()` or a loaded checkpoint), as `resume_from=state` does."
+        _check_run_state(state, "the state given to load_state_dict")
+        self._pending_state = state
+
+    def resume(self) -> list[dict]:
+        "Continue the last fit, stopped by an error, Ctrl-C or SIGTERM, in memory from its last completed step; returns `history`."
+        if self._stopped_state is None:
+            raise RuntimeError("there is no stopped fit to resume: the last fit finished (or none ran). To train further, "
+                               "call fit() again (a new run), or fit(..., resume_from=checkpoint) to continue a saved one")
+        return self.fit(self.model, self.epoch_count, self.device, self._fit_callbacks, resume_from=self._stopped_state)
+
+    def _run_state(self) -> dict[str, Any]:
+        "Everything but the model and optimizer: where the run is and what it has recorded."
+        return {"version": _STATE_VERSION, "step": self.step, "epoch_count": self.epoch_count,
+                "history": copy.deepcopy(self.history), "position": self._position(), "rng": _rng_state(self.device),
+                "data": {"training": _data_state(self.training), "validation": _data_state(self.validation)},
+                "callbacks": {key: cb.state_dict() for key, cb in _stateful_callbacks(self.callbacks).items()},
+                "scaler": self.scaler.state_dict() if self.scaler is not None else None}  # "16-mixed": its scale
+
+    def _position(self) -> dict[str, Any]:
+        "The next epoch; or the open one, its record so far, and the phase under way with its batches done and sums."
+        if self._epoch_record is None: return {"epoch": len(self.history), "record": None}
+        position = {"epoch": self.epoch_index, "record": dict(self._epoch_record), "phases_done": list(self._phases_done),
+                    "elapsed": time.perf_counter() - self._epoch_started, "phase": None}
+        if self._open_phase_name is None or self._phase_start is None: return position  # its data not opened yet: redo it
+        training = self._open_phase_name == Phase.training.value
+        position.update(phase=self._open_phase_name, batch=self._batches_done, phase_start=self._phase_start,
+                        metrics=[_metric_state(m) for m in self.metrics],
+                        # validation draws no numbers (eval mode): the generators as they are now are its batch boundary
+                        batch_rng=self._batch_rng if training else None,
+                        nonfinite=self._nonfinite.state_dict() if training else None)
+        return position
+
+    def _start_run(self, resume_from: str | os.PathLike | dict | None, fit_callbacks: list[Any]) -> None:
+        "A new run's bookkeeping; to continue one, its weights, history, position and callback states put back."
+        self._fit_callbacks, self._resume, self._stopped_state = fit_callbacks, None, None
+        self._epoch_record, self._phases_done, self._open_phase_name, self._phase_start = None, [], None, None
+        source = "the state given to fit(resume_from=...)"
+        if resume_from is None and self._pending_state is not None:
+            resume_from, source = self._pending_state, "the state given to load_state_dict"
+        self._pending_state = None
+        if resume_from is None: return
+        if not isinstance(resume_from, dict): resume_from, source = _read_checkpoint(resume_from)
+        _check_run_state(resume_from, source)
+        self._check_state_fits(resume_from, source)  # before anything is loaded: a mismatch changes nothing
+        if "model" in resume_from: self.model.load_state_dict(resume_from["model"])
+        if "optimizer" in resume_from:
+            self.optimizer.load_state_dict(resume_from["optimizer"])
+            _move_optimizer_state(self.optimizer, self.device)
+        self.step, self.history = int(resume_from["step"]), copy.deepcopy(resume_from["history"])
+        self.epoch_index = resume_from["position"]["epoch"]
+        for data, which in ((self.training, "training"), (self.validation, "validation")):
+            _load_data_state(data, resume_from["data"].get(which))
+        _load_callback_states(self.callbacks, resume_from["callbacks"], source)  # before fit_start, which keeps them
+        if self.scaler is not None and resume_from.get("scaler"): self.scaler.load_state_dict(resume_from["scaler"])
+        self._resume = resume_from
+
+    def _check_state_fits(self, state: dict[str, Any], source: str) -> None:
+        if "model" in state:
+            ours, theirs = self.model.state_dict(), state["model"]
+            missing, unexpected = sorted(set(ours) - set(theirs)), sorted(set(theirs) - set(ours))
+            reshaped = [f"{k} {tuple(theirs[k].shape)} (the model has {tuple(ours[k].shape)})" for k in ours
+                        if k in theirs and isinstance(theirs[k], torch.Tensor) and theirs[k].shape != ours[k].shape]
+            if missing or unexpected or reshaped:
+                details = "; ".join(f"{what}: {', '.join(names[:5])}{' ...' if len(names) > 5 else ''}" for what, names in
+                                    (("missing", missing), ("not in this model", unexpected), ("other shapes", reshaped)) if names)
+                raise _resume_error(f"{source} holds the weights of another model ({details}); nothing was loaded. "
+                                    "Resume with the model the run was started with")
+        if "optimizer" in state:
+            saved = [len(g["params"]) for g in state["optimizer"].get("param_groups", [])]
+            ours = [len(g["params"]) for g in self.optimizer.param_groups]
+            if saved != ours:
+                raise _resume_error(f"{source} holds an optimizer with parameter groups of {saved} tensors, but this one has "
+                                    f"{ours}; nothing was loaded. Build the optimizer as the run that wrote it did")
+
+    def _first_epoch(self) -> int:
+        if self._resume is None: return 0
+        # Put back after fit_start, so that what its handlers draw (or a seed they set) does not shift the run.
+        _set_rng_state(self._resume["rng"], self.device)
+        return self._resume["position"]["epoch"]
+
+    def _open_epoch(self) -> tuple[dict, float]:
+        record, started, self._phases_done = {"epoch": self.epoch_index + 1}, time.perf_counter(), []
+        position = self._resume["position"] if self._resume is not None else None
+        if position is not None and position["epoch"] == self.epoch_index and position["record"] is not None:
+            record.update(position["record"])
+            started -= position["elapsed"]
+            self._phases_done = list(position["phases_done"])
+        if position is not None and position.get("phase") is None: self._resume = None  # nothing left to put back
+        self._epoch_record, self._epoch_started = record, started
+        return record, started
+
+    def _resuming_phase(self) -> dict | None:
+        position = self._resume["position"] if self._resume is not None else None
+        if position is None or position.get("phase") != self._open_phase_name or position["epoch"] != self.epoch_index: return None
+        return position
+
+    def _open_phase(self, phase: Phase) -> None:
+        self._open_phase_name, self._phase_start, self._batch_rng, self._batches_done = phase.value, None, None, 0
+        if phase is Phase.training: self._nonfinite.start(self.step)
+        position = self._resuming_phase()
+        if position is None: return
+        for metric, saved in zip(self.metrics, position["metrics"]): _load_metric_state(metric, saved, self.device)
+        if position["nonfinite"] is not None: self._nonfinite.load_state_dict(position["nonfinite"], self.device)
+
+    def _close_phase(self, phase: Phase, record: dict) -> None:
+        self._phases_done.append(phase.value)
+        self._open_phase_name = None
+        if phase is not Phase.training or not self.stop_on_nonfinite: return
+        # A finite mean loss is a sum of finite losses: only a non-finite one makes the loop read where it began.
+        if math.isfinite(record.get("train_loss", math.nan)): return
+        found = self._nonfinite.first_nonfinite()  # one read from the device
+        if found is not None:
+            batch, step = found
+            raise FloatingPointError(
+                f"the training loss was not finite (nan or inf) first at epoch {self.epoch_index + 1}, batch {batch + 1} "
+                f"(step {step}); the fit stopped at the end of that epoch's training. Lower the learning rate, look for nan "
+                "or inf in the inputs and targets, or clip gradients; TrainingLoop(..., stop_on_nonfinite=False) trains on")
+
+    def _iterate(self, data: Iterable) -> tuple[Iterator, int]:
+        "iter(data) and the state a resume of this phase needs; resuming inside it, moved past the batches already done."
+        position = self._resuming_phase()
+        if position is not None: _restore_phase_start(data, position["phase_start"], self.device)
+        self._phase_start = _phase_start_state(data, self.device)  # once per phase: the generators before iter()
+        done = skip = position["batch"] if position is not None else 0
+        if done and _skips_itself(data, self._phase_start):  # TrainingEpochs starts at a batch without making the others
+            data.load_state_dict({**self._phase_start["data"], "batch": done})
+            skip = 0
+        batches = iter(data)
+        for skipped in range(skip):  # any other iterable: draw the batches already done and drop them
+            try: next(batches)
+            except StopIteration:
+                raise ValueError(f"the run being resumed had done {done} batches of this {self._open_phase_name} phase, but "
+                                 f"the data now gives only {skipped}; resume with the data the run was started with") from None
+        if position is not None:
+            _set_rng_state(self._resume["rng"], self.device, torch_too=position["batch_rng"] is None)
+            if position["batch_rng"] is not None: _set_torch_rng_state(position["batch_rng"], self.device)
+            self._resume = None
+        self._batch_rng, self._batches_done = _torch_rng_state(self.device), done
+        return batches, done
+
+    def _end_run(self) -> None:
+        self._resume = None
+        try:
+            if self.exception is not None:
+                try: self._stopped_state = self._run_state()
+                except Exception as error:
+                    add_note(self.exception, f"loop.resume() will not be possible: {type(error).__name__}: {error}")
+        finally: self._signals.restore()

@@ -20,8 +20,8 @@ __all__ = ['format_value', 'table_columns', 'table_row', 'ProgressPrinter']
 
 # %% ../../nbs/10_callbacks.progress.ipynb #2d34829b
 def format_value(value: Any) -> str:
-    "How the epoch table shows a value: floats to 6 places, NaN and missing as empty."
-    if value is None or (isinstance(value, float) and math.isnan(value)): return ""
+    "How the epoch table shows a value: floats to 6 places (`nan` and `inf` as such), missing as empty."
+    if value is None: return ""
     if isinstance(value, float): return f"{value:.6f}"
     return str(value)
 
@@ -61,12 +61,25 @@ class ProgressPrinter(Callback):
         self.master = self.bar = None
         if self._mode == "plain":
             self._print(self._aligned(self.columns))
+            self._show_resumed(loop)
             return
         bars = (fp.NBMasterBar, fp.NBProgressBar) if self._mode == "notebook" else (fp.ConsoleMasterBar, fp.ConsoleProgressBar)
         self._bar_class = bars[1]
         self.master = bars[0](range(loop.epoch_count))
         self.master.update(0)
         self.master.write(self.columns, table=True)
+        self._show_resumed(loop)
+
+    def _show_resumed(self, loop) -> None:
+        "A resumed run starts with the rows of the epochs done before it stopped (they are in `loop.history` already)."
+        for record in loop.history:
+            row = table_row(record, self.columns)
+            self.rows.append(row)
+            if self.master is not None: self.master.write(row, table=True)
+            else: self._print(self._aligned(row))
+        if self.master is not None and loop.history: self.master.update(len(loop.history))
+        if loop.step and self.master is None:  # a new fit starts at step 0: this one continues a run
+            self._print(f"resumed at step {loop.step}, in epoch {loop.epoch_index + 1}")
 
     def epoch_start(self, loop) -> None:
         if self.master is not None and loop.epoch_index: self.master.update(loop.epoch_index)
