@@ -621,3 +621,20 @@ def test_metric_sums_of_every_kind_resume_mid_phase(tmp_path):
     run([InterruptAt(Event.inference_prediction_end, 5), Checkpoint(tmp_path / "ck", every_epochs=None)])  # mid-validation
     assert load_checkpoint(tmp_path / "ck")["position"]["phase"] == "validation"
     assert without_time(run(resume_from=tmp_path / "ck")) == without_time(expected)
+
+
+def test_a_float16_run_resumes_with_its_grad_scaler(tmp_path):
+    "With precision='16-mixed' the checkpoint holds the GradScaler's scale and growth tracker, so the resumed run is the same."
+    def run(stop_at=None, resume_from=None):
+        loop, model = build(tmp_path, csv=False)
+        extra = [InterruptAt(Event.batch_end, stop_at)] if stop_at else []
+        try: loop.fit(model, epochs=EPOCHS, callbacks=extra, precision="16-mixed", resume_from=resume_from)
+        except KeyboardInterrupt: return loop, model, loop.state_dict()
+        return loop, model, None
+    full, full_model, _ = run()
+    _, _, state = run(stop_at=4)
+    assert state["scaler"]["_growth_tracker"] == 4  # four good steps since the start: a fresh scaler would count from 0
+    resumed, resumed_model, _ = run(resume_from=copy.deepcopy(state))
+    assert same_weights(resumed_model, full_model.state_dict())
+    assert resumed.scaler.state_dict() == full.scaler.state_dict()
+    assert without_time(resumed.history) == without_time(full.history)
