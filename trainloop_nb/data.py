@@ -56,10 +56,13 @@ def _check_batch_size(batch_size: int) -> int:
     return int(batch_size)
 
 # %% ../nbs/01_data.ipynb #5b7ad34d
+_SPLIT_AHEAD = 1024  # index batches cut at once: fewer Python steps per batch, and never more held than this
+
 def _index_batches(order: Tensor, batch_size: int, drop_last: bool) -> Iterator[Tensor]:
-    "The index batches of `order`, each sliced (a view) when it is asked for: nothing is made ahead or kept."
+    "The index batches of `order` (views), cut `_SPLIT_AHEAD` at a time as they are asked for."
     stop = len(order) - len(order) % batch_size if drop_last else len(order)
-    for start in range(0, stop, batch_size): yield order[start:start + batch_size]
+    step = batch_size * _SPLIT_AHEAD
+    for start in range(0, stop, step): yield from order[start:min(start + step, stop)].split(batch_size)
 
 class _IndexLists:
     "A DataLoader's `batch_sampler`: the index batches of `order` as lists, made one at a time."
