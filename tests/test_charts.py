@@ -185,3 +185,79 @@ def test_a_console_fit_imports_no_ipython_or_widgets(tmp_path, with_path):
     assert "IPython" not in loaded and "ipywidgets" not in loaded
     assert ("matplotlib" in loaded) == with_path  # matplotlib only when there is a file to draw
     assert (tmp_path / "loss.png").exists() == with_path
+
+
+# -- a bounded curve: a fixed number of points however long the run ------------------------------------------
+
+def brute_force_points(steps, values, width, origin):
+    "The oracle: group (step, value) pairs by point number and summarise each group with plain Python."
+    groups = {}
+    for s, v in zip(steps, values): groups.setdefault((s - origin) // width, []).append((s, v))
+    return [(sum(s for s, _ in g) / len(g), sum(v for _, v in g) / len(g), min(v for _, v in g), max(v for _, v in g),
+             len(g)) for _, g in sorted(groups.items())]
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_step_summary_against_a_brute_force_oracle(seed):
+    from trainloop_nb.callbacks.charts import StepSummary
+    g = torch.Generator().manual_seed(seed)
+    steps = (torch.randint(1, 4, (3000,), generator=g).cumsum(0) + 100).tolist()  # increasing, with gaps
+    values = torch.randn(3000, generator=g, dtype=torch.float64).tolist()
+    summary, start = StepSummary(max_points=64), 0
+    while start < len(steps):  # in chunks of random size, as _collect hands them over
+        n = int(torch.randint(1, 200, (1,), generator=g))
+        summary.add(steps[start:start + n], values[start:start + n])
+        start += n
+    width = 1
+    while (steps[-1] - steps[0]) // width >= 64: width *= 2  # the smallest doubling that fits every step
+    assert summary.width == width and len(summary) <= 64
+    expected = brute_force_points(steps, values, width, steps[0])
+    assert summary.counts == [c for *_, c in expected]
+    assert summary.steps == pytest.approx([s for s, *_ in expected], rel=1e-12)
+    assert summary.means == pytest.approx([m for _, m, *_ in expected], rel=1e-9, abs=1e-12)
+    assert summary.mins == [lo for _, _, lo, _, _ in expected] and summary.maxs == [hi for _, _, _, hi, _ in expected]
+
+
+def test_step_summary_nan_makes_its_point_nan_and_bad_sizes_are_refused():
+    from trainloop_nb.callbacks.charts import StepSummary
+    summary = StepSummary(max_points=2)
+    summary.add([1, 2, 3, 4], [1.0, math.nan, 2.0, 3.0])
+    assert summary.width == 2 and summary.counts == [2, 2]
+    assert math.isnan(summary.means[0]) and math.isnan(summary.mins[0]) and math.isnan(summary.maxs[0])
+    assert summary.means[1] == 2.5
+    for bad in (0, 3, 2.0, True):
+        with pytest.raises(ValueError, match="max_points"): StepSummary(bad)
+
+
+def test_a_long_run_keeps_a_bounded_number_of_points_with_the_right_min_mean_max():
+    plot, oracle = LiveLossPlot(mode="console", max_points=8), StepLosses()
+    loop, model = make_loop([plot, oracle])
+    loop.fit(model, epochs=5)  # 40 steps into at most 8 points: width 8, 5 points
+    steps, losses = list(oracle.losses), list(oracle.losses.values())
+    assert plot.steps_per_point == 8 and len(plot.steps) == 5
+    expected = brute_force_points(steps, losses, 8, 1)
+    assert plot.steps == [s for s, *_ in expected] == [4.5 + 8 * k for k in range(5)]
+    assert plot.train_losses == pytest.approx([m for _, m, *_ in expected], rel=1e-6)
+    assert plot.train_loss_min == pytest.approx([lo for _, _, lo, _, _ in expected], rel=1e-6)
+    assert plot.train_loss_max == pytest.approx([hi for _, _, _, hi, _ in expected], rel=1e-6)
+    for mean, h in zip(plot.train_losses, loop.history):  # a point is an epoch here: its mean is the epoch's loss
+        assert mean == pytest.approx(h["train_loss"], rel=1e-6)
+    per_step = plot.figure().axes[0].lines[0]
+    assert list(per_step.get_xdata()) == plot.steps and list(per_step.get_ydata()) == plot.train_losses
+
+
+def test_nothing_waits_on_the_device_in_more_than_a_bounded_list():
+    from trainloop_nb.callbacks.charts import _COLLECT_EVERY
+    longest = []
+
+    class WatchPending(Callback):
+        order = LiveLossPlot.order + 1
+        def batch_end(self, loop): longest.append(len(plot._pending))
+    x = torch.randn(3000, 2); y = (x[:, 0] > 0).long()
+    model = torch.nn.Linear(2, 2)
+    plot = LiveLossPlot(mode="console", max_points=10)
+    loop = TrainingLoop(TrainingEpochs((x, y), 1), None, torch.optim.SGD(model.parameters(), lr=0.01),
+                        callbacks=[plot, WatchPending()], include_default_callbacks=False)
+    loop.fit(model, epochs=1)
+    assert max(longest) == _COLLECT_EVERY - 1 and len(plot.steps) <= 10 and plot.steps_per_point == 512
+    assert sum(plot.summary.counts) == 3000 and plot.summary.origin == 1

@@ -61,6 +61,41 @@ def _check_batch_size(batch_size: int) -> int:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     return int(batch_size)
 
+# %% ../nbs/01_data.ipynb #235622f7
+_SPLIT_AHEAD = 1024  # index batches cut at once: fewer Python steps per batch, and never more held than this
+
+def _index_batches(order: Tensor, batch_size: int, drop_last: bool) -> Iterator[Tensor]:
+    "The index batches of `order` (views), cut `_SPLIT_AHEAD` at a time as they are asked for."
+    stop = len(order) - len(order) % batch_size if drop_last else len(order)
+    step = batch_size * _SPLIT_AHEAD
+    for start in range(0, stop, step): yield from order[start:min(start + step, stop)].split(batch_size)
+
+class _IndexLists:
+    "A DataLoader's `batch_sampler`: the index batches of `order` as lists, made one at a time."
+    def __init__(self, order: Tensor, batch_size: int, drop_last: bool):
+        self.order, self.batch_size, self.drop_last = order, batch_size, drop_last
+
+    def __len__(self) -> int:
+        if self.drop_last: return len(self.order) // self.batch_size
+        return math.ceil(len(self.order) / self.batch_size)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return (idx.tolist() for idx in _index_batches(self.order, self.batch_size, self.drop_last))
+
+def _batches(dataset, tensors: tuple[Tensor, ...] | None, order: Tensor, batch_size: int,
+             drop_last: bool, num_workers: int, seed: int) -> Iterator:
+    "Batches of `dataset` in `order`: cut from `tensors` by indexing, else collated by a DataLoader."
+    if tensors is not None:
+        return (tuple([t[idx] for t in tensors]) for idx in _index_batches(order, batch_size, drop_last))
+    loader = DataLoader(dataset, batch_sampler=_IndexLists(order, batch_size, drop_last), num_workers=num_workers,
+                        generator=torch.Generator().manual_seed(seed))
+    # default_collate gives a list for tuple samples; a tuple matches the tensor path
+    return (tuple(b) if isinstance(b, list) else b for b in loader)
+
+def _epoch_seed(seed: int, epoch: int) -> int:
+    "The generator seed of `epoch`: a fixed function of `(seed, epoch)`, different for every epoch."
+    return (seed * 1_000_003 + epoch) % 2**63
+
 # %% ../nbs/01_data.ipynb #5b7ad34d
 def _batches(dataset, tensors: tuple[Tensor, ...] | None, order: Tensor, batch_size: int,
              drop_last: bool, num_workers: int, seed: int) -> Iterator:

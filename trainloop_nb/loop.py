@@ -372,7 +372,7 @@ def _warn_left_out(model: torch.nn.Module, optimizer_params: set[int]) -> None:
                   "from model.parameters(), or freeze those with requires_grad_(False) if that is meant", stacklevel=4)
 
 
-# %% ../nbs/03_loop.ipynb #7d9dbc3d
+# %% ../nbs/03_loop.ipynb #34e4eaa8
 class TrainingLoop:
     "A Learner-like training loop: `fit(model, epochs, device)` with callbacks at every event."
 
@@ -540,7 +540,7 @@ class TrainingLoop:
 
     # The per-batch path: plain PyTorch, read top to bottom; no host synchronisation anywhere in it.
     def _training_batch(self, batch: Any) -> None:
-        self.last_step_input, self.last_step_target = _split_batch(to_device(batch, self.device))
+        self.last_step_input, self.last_step_target = self._on_device(batch)
         self.last_step_output = self.last_step_loss = None
         self._signals.holding = True  # Ctrl-C or SIGTERM waits until this batch is complete: no step is half applied
         try: self._with_events(Event.batch_start, self._training_step, Event.batch_end, CancelBatch,
@@ -575,7 +575,7 @@ class TrainingLoop:
         else: self._scaled_step()
 
     def _validation_batch(self, batch: Any) -> None:
-        self.last_step_input, self.last_step_target = _split_batch(to_device(batch, self.device))
+        self.last_step_input, self.last_step_target = self._on_device(batch)
         self.last_step_output = self.last_step_loss = None
         self._with_events(Event.batch_start, self._validation_step, Event.batch_end, CancelBatch, finish=self._count_batch)
 
@@ -596,6 +596,14 @@ class TrainingLoop:
         # The torch generators as this batch ends (about 4 µs on the CPU; no device wait): a run stopped inside the
         # next batch, after its dropout drew numbers, resumes by replaying that batch with the same draws.
         self._batch_rng = _torch_rng_state(self.device)
+
+    def _on_device(self, batch: Any) -> tuple[Any, Any]:
+        "The batch as (input, target) on the loop's device; a tensor already there is taken as it is, with no call into torch."
+        input, target = _split_batch(batch)
+        device = self.device
+        if type(input) is not torch.Tensor or input.device != device: input = to_device(input, device)
+        if type(target) is not torch.Tensor or target.device != device: target = to_device(target, device)
+        return input, target
 
     def _count_batch(self) -> None:
         "Add the batch to the phase's metrics (device work only); a batch cancelled before its loss is not counted."

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from fastprogress import fastprogress as fp
 
@@ -19,32 +20,119 @@ from ..core import Callback, Phase, main_process_only
 from .progress import ProgressPrinter
 
 # %% auto #0
-__all__ = ['LiveLossPlot']
+__all__ = ['StepSummary', 'LiveLossPlot']
+
+# %% ../../nbs/11_callbacks.charts.ipynb #5c0e1d2b
+class StepSummary:
+    "At most `max_points` points summarising `(step, value)` pairs: per point the count, mean step, mean, min and max of `width` steps."
+    def __init__(self, max_points: int = 1000):
+        if isinstance(max_points, bool) or not isinstance(max_points, int) or max_points < 2 or max_points % 2:
+            raise ValueError(f"max_points must be an even whole number of at least 2 (points merge in pairs), got {max_points!r}")
+        self.max_points = max_points
+        self.clear()
+
+    def clear(self) -> None:
+        "Forget every step: width 1, nothing kept."
+        self.width, self.origin, self._used = 1, None, 0
+        self._count = np.zeros(self.max_points, dtype=np.int64)
+        self._step_sum = np.zeros(self.max_points)  # float64: exact for step numbers up to 2**53 / width
+        self._sum = np.zeros(self.max_points)
+        self._min = np.full(self.max_points, np.inf)
+        self._max = np.full(self.max_points, -np.inf)
+
+    def add(self, steps: Any, values: Any) -> None:
+        "Add the values of increasing `steps` (sequences of equal length)."
+        steps, values = np.asarray(steps, dtype=np.int64), np.asarray(values, dtype=np.float64)
+        if not len(steps): return
+        if self.origin is None: self.origin = int(steps[0])
+        slots = (steps - self.origin) // self.width
+        while slots[-1] >= self.max_points:
+            self._merge_pairs()
+            slots = (steps - self.origin) // self.width
+        np.add.at(self._count, slots, 1)
+        np.add.at(self._step_sum, slots, steps)
+        with np.errstate(invalid="ignore"):  # NaN propagates, silently: a NaN step makes its point NaN
+            np.add.at(self._sum, slots, values)
+            np.minimum.at(self._min, slots, values)
+            np.maximum.at(self._max, slots, values)
+        self._used = max(self._used, int(slots[-1]) + 1)
+
+    def _merge_pairs(self) -> None:
+        "Points 2k and 2k+1 become point k; `width` doubles."
+        for values, merge, empty in ((self._count, np.add, 0), (self._step_sum, np.add, 0), (self._sum, np.add, 0),
+                                     (self._min, np.minimum, np.inf), (self._max, np.maximum, -np.inf)):
+            with np.errstate(invalid="ignore"): merged = merge(values[0::2], values[1::2])
+            values[:] = empty
+            values[:len(merged)] = merged
+        self.width *= 2
+        self._used = (self._used + 1) // 2
+
+    def _points(self) -> np.ndarray:
+        return np.flatnonzero(self._count[:self._used])  # slots that hold at least one step
+
+    @property
+    def steps(self) -> list[float]:
+        "Each point's mean step (the step itself while `width` is 1)."
+        k = self._points()
+        return (self._step_sum[k] / self._count[k]).tolist()
+
+    @property
+    def means(self) -> list[float]:
+        "Each point's mean value (the value itself while `width` is 1)."
+        k = self._points()
+        return (self._sum[k] / self._count[k]).tolist()
+
+    @property
+    def mins(self) -> list[float]: return self._min[self._points()].tolist()
+    @property
+    def maxs(self) -> list[float]: return self._max[self._points()].tolist()
+    @property
+    def counts(self) -> list[int]: return self._count[self._points()].tolist()
+
+    def __len__(self) -> int: return len(self._points())
+
+    def __repr__(self) -> str:
+        return f"StepSummary({len(self)} points of width {self.width}, max_points={self.max_points})"
 
 # %% ../../nbs/11_callbacks.charts.ipynb #6d7b7b46
+_COLLECT_EVERY = 1024  # per-step losses waiting on the device at most: a read every this many steps bounds the list
+
 class LiveLossPlot(Callback):
     "Training loss per step and validation loss per epoch, drawn live in Jupyter or saved to `path` from a script."
     order = ProgressPrinter.order + 1  # after the printer: at fit_start its bars are drawn first, the chart below them
 
     def __init__(self, refresh: float = 1.0, path: str | os.PathLike | None = None, mode: str | None = None,
-                 figsize: tuple[float, float] = (6, 3.5)):
+                 figsize: tuple[float, float] = (6, 3.5), max_points: int = 1000):
         if mode not in (None, "notebook", "console"):
             raise ValueError(f"mode must be 'notebook', 'console' or None (automatic), got {mode!r}")
         if refresh < 0: raise ValueError(f"refresh is the least number of seconds between redraws, got {refresh!r}")
         self.refresh, self.path, self.mode, self.figsize = refresh, path, mode, figsize
+        self.summary = StepSummary(max_points)
         self._reset()
 
     def _reset(self) -> None:
-        self.steps: list[int] = []
-        self.train_losses: list[float] = []
+        self.summary.clear()
         self.epochs: list[int] = []
         self.epoch_steps: list[int] = []
         self.epoch_train_losses: list[float] = []
         self.valid_losses: list[float] = []
-        self._pending: list[torch.Tensor] = []  # this refresh's per-step losses, still on the device
+        self._pending: list[torch.Tensor] = []  # per-step losses not read yet, still on the device
         self._pending_steps: list[int] = []
-        self._figure = self._handle = None
+        self._figure = self._handle = self._band = None
 
+    # -- the per-step curve, read from the summary (pending losses are read first) -------------------
+    @property
+    def steps(self) -> list[float]: self._collect(); return self.summary.steps
+    @property
+    def train_losses(self) -> list[float]: self._collect(); return self.summary.means
+    @property
+    def train_loss_min(self) -> list[float]: self._collect(); return self.summary.mins
+    @property
+    def train_loss_max(self) -> list[float]: self._collect(); return self.summary.maxs
+    @property
+    def steps_per_point(self) -> int: self._collect(); return self.summary.width
+
+    # -- events -----------------------------------------------------------------------------------
     def fit_start(self, loop) -> None:
         if not main_process_only(self, loop): return  # one chart for a distributed run: rank 0's
         self._reset()
@@ -58,6 +146,7 @@ class LiveLossPlot(Callback):
         self._pending.append(loop.last_step_loss.detach())
         self._pending_steps.append(loop.step)
         if self._drawing and time.monotonic() >= self._next_draw: self._draw()
+        elif len(self._pending) >= _COLLECT_EVERY: self._collect()
 
     def epoch_end(self, loop) -> None:
         record = loop.history[-1] if loop.history and loop.history[-1].get("epoch") == loop.epoch_index + 1 else {}
@@ -72,10 +161,10 @@ class LiveLossPlot(Callback):
         self._figure = None  # the next fit draws a new picture; this one stays in the output
 
     def _collect(self) -> None:
-        "Read the pending per-step losses from the device: one synchronisation for all of them."
+        "Read the pending per-step losses from the device, one synchronisation for all, into the summary."
         if not self._pending: return
-        self.train_losses += torch.stack(self._pending).float().tolist()
-        self.steps += self._pending_steps
+        losses = torch.stack(self._pending).float().tolist()
+        self.summary.add(self._pending_steps, losses)
         self._pending, self._pending_steps = [], []
 
     def _draw(self, save: bool = False) -> None:
@@ -94,26 +183,37 @@ class LiveLossPlot(Callback):
             now = time.monotonic()
             self._next_draw = now + max(self.refresh, 9 * (now - started))
 
+    # -- the picture ------------------------------------------------------------------------------
     def figure(self) -> Any:
         "The plot of the data so far, as a matplotlib `Figure` (kept and updated from draw to draw)."
         if self._figure is None: self._figure = self._new_figure()
         figure = self._figure
         ax = figure.axes[0]
         per_step, per_epoch, valid = ax.lines
-        per_step.set_data(self.steps, self.train_losses)
+        steps, width = self.steps, self.summary.width
+        per_step.set_data(steps, self.summary.means)
+        per_step.set_label("training loss (per step)" if width == 1 else
+                           f"training loss (mean of {width} steps; band: lowest to highest)")
+        if self._band is not None: self._band.remove()
+        self._band = ax.fill_between(steps, self.summary.mins, self.summary.maxs, color="C0", alpha=0.2, linewidth=0)
         per_epoch.set_data(self.epoch_steps, self.epoch_train_losses)
         valid.set_data(self.epoch_steps, self.valid_losses)
-        ax.relim(); ax.autoscale_view()
+        ax.relim()  # counts lines only: the band's extent is added by hand
+        band = np.array([steps * 2, self.summary.mins + self.summary.maxs]).T
+        ax.update_datalim(band[np.isfinite(band).all(axis=1)])
+        ax.autoscale_view()
+        ax.legend(loc="upper right")
         return figure
 
     def _new_figure(self) -> Any:
         from matplotlib.figure import Figure  # here, not at import: a console run without `path` never needs it
         figure = Figure(figsize=self.figsize, layout="constrained")
         ax = figure.add_subplot()
-        ax.plot([], [], lw=0.8, alpha=0.5, color="C0", label="training loss (per step)")
+        ax.plot([], [], lw=0.8, alpha=0.7, color="C0")
         ax.plot([], [], "o-", color="C0", label="training loss (epoch)")
         ax.plot([], [], "s-", color="C1", label="validation loss (epoch)")
-        ax.set_xlabel("step"); ax.set_ylabel("loss"); ax.grid(alpha=0.3); ax.legend(loc="upper right")
+        ax.set_xlabel("step"); ax.set_ylabel("loss"); ax.grid(alpha=0.3)
+        self._band = None
         return figure
 
     def _show(self, figure: Any) -> None:
