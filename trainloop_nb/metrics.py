@@ -42,6 +42,7 @@ def predictions(output: torch.Tensor) -> torch.Tensor:
     return output.argmax(dim=-1)
 
 def _flat_target(target: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
+    if target.shape == pred.shape and target.dtype == torch.int64: return target  # the usual case: no view, no copy
     if target.numel() != pred.numel():
         raise ValueError(f"target has {target.numel()} values but the output gives {pred.numel()} predictions "
                          f"(target shape {tuple(target.shape)}); targets must be class indices, one per prediction")
@@ -57,7 +58,8 @@ class _RunningMean(Metric):
         if self.total is None:
             dtype = _sum_dtype(value.device) if value.is_floating_point() else torch.int64
             self.total = torch.zeros((), dtype=dtype, device=value.device)
-        self.total.add_(value, alpha=weight)
+        if weight == 1: self.total.add_(value)
+        else: self.total.add_(value, alpha=weight)
         self.count += count
 
     def _mean(self) -> float:
