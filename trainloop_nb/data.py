@@ -96,22 +96,6 @@ def _epoch_seed(seed: int, epoch: int) -> int:
     "The generator seed of `epoch`: a fixed function of `(seed, epoch)`, different for every epoch."
     return (seed * 1_000_003 + epoch) % 2**63
 
-# %% ../nbs/01_data.ipynb #5b7ad34d
-def _batches(dataset, tensors: tuple[Tensor, ...] | None, order: Tensor, batch_size: int,
-             drop_last: bool, num_workers: int, seed: int) -> Iterator:
-    "Batches of `dataset` in `order`: cut from `tensors` by indexing, else collated by a DataLoader."
-    index_batches = order.split(batch_size)
-    if drop_last and len(index_batches[-1]) < batch_size: index_batches = index_batches[:-1]
-    if tensors is not None: return (tuple(t[idx] for t in tensors) for idx in index_batches)
-    loader = DataLoader(dataset, batch_sampler=[idx.tolist() for idx in index_batches], num_workers=num_workers,
-                        generator=torch.Generator().manual_seed(seed))
-    # default_collate gives a list for tuple samples; a tuple matches the tensor path
-    return (tuple(b) if isinstance(b, list) else b for b in loader)
-
-def _epoch_seed(seed: int, epoch: int) -> int:
-    "The generator seed of `epoch`: a fixed function of `(seed, epoch)`, different for every epoch."
-    return (seed * 1_000_003 + epoch) % 2**63
-
 # %% ../nbs/01_data.ipynb #555ea284
 class TrainingEpochs:
     "Training batches, one reshuffled epoch per `iter()`; the order of epoch `e` is fixed by `(seed, e)`."
