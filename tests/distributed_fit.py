@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
-from conftest import toy_data  # the test folder is the script's folder, so sys.path has it
+from toy_runs import toy_data  # the test folder is the script's folder, so sys.path has it
 from trainloop_nb.callbacks.logging import CSVLogger
 from trainloop_nb.callbacks.progress import ProgressPrinter
 from trainloop_nb.core import Callback

@@ -15,7 +15,7 @@ from trainloop_nb.core import Callback, CancelBatch, Order
 from trainloop_nb.data import TrainingEpochs, ValidationBatches
 from trainloop_nb.loop import TrainingLoop
 
-from conftest import toy_loop
+from toy_runs import toy_loop
 from trainloop_nb.callbacks.progress import ProgressPrinter
 
 TRAIN_BATCHES = 8  # 256 samples in batches of 32

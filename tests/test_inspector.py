@@ -14,7 +14,7 @@ from trainloop_nb.data import TrainingEpochs, ValidationBatches
 from trainloop_nb.callbacks.inspector import CallbackInspector, EventRecord, InspectorView, format_seconds
 from trainloop_nb.loop import TrainingLoop
 
-from conftest import toy_loop
+from toy_runs import toy_loop
 from trainloop_nb.callbacks.progress import ProgressPrinter
 
 TRAIN_BATCHES, VALID_BATCHES = 6, 2  # 192 samples in batches of 32; 40 in batches of 32 (the last one short)

@@ -17,7 +17,7 @@ from trainloop_nb.data import TrainingEpochs, ValidationBatches
 from trainloop_nb.callbacks.logging import CSVLogger, TensorBoardLogger
 from trainloop_nb.loop import TrainingLoop
 
-from conftest import toy_loop
+from toy_runs import toy_loop
 from trainloop_nb.callbacks.progress import ProgressPrinter
 
 from host_reads import count_host_reads

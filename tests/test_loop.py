@@ -10,7 +10,7 @@ from trainloop_nb.core import (Callback, CancelBatch, CancelEpoch, CancelFit, Ca
 from trainloop_nb.data import TrainingEpochs, ValidationBatches
 from trainloop_nb.loop import TrainingLoop
 
-from conftest import toy_loop
+from toy_runs import toy_loop
 from host_reads import count_host_reads
 
 EPOCHS, TRAIN_BATCHES, VALID_BATCHES = 2, 3, 2

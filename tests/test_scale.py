@@ -11,7 +11,7 @@ from trainloop_nb.data import TrainingEpochs, ValidationBatches
 from trainloop_nb.loop import TrainingLoop
 from trainloop_nb.metrics import make_metrics
 
-from conftest import toy_data
+from toy_runs import toy_data
 
 FEATURES, CLASSES = 5, 3
 

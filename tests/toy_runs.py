@@ -1,4 +1,7 @@
-"""Helpers shared by the test files: a small, seeded classification run built the same way everywhere."""
+"""Helpers shared by the test files: a small, seeded classification run built the same way everywhere.
+
+A module of its own, not conftest.py: tests/browser has a conftest.py too, and two modules named conftest
+cannot both be imported by that name."""
 from __future__ import annotations
 
 import os
