@@ -41,3 +41,16 @@ def toy_loop(callbacks=(), *, train: int, valid: int, features: int, classes: in
                         torch.optim.SGD(model.parameters(), lr=lr), metrics=list(metrics),
                         callbacks=[*extra, *callbacks], include_default_callbacks=defaults)
     return loop, model
+
+
+DISPLAY_MODULES = ("fastprogress", "matplotlib", "ipywidgets", "IPython")
+
+
+def display_modules_loaded_by(statement: str) -> list[str]:
+    "The display modules (and trainloop_nb.callbacks modules) a fresh interpreter holds after running `statement`."
+    import subprocess, sys
+    probe = (f"import sys; {statement}; print(sorted(m for m in sys.modules if m.split('.')[0] in {DISPLAY_MODULES!r} "
+             "or m.startswith('trainloop_nb.callbacks')))")
+    run = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    return eval(run.stdout)  # a printed list of module names
