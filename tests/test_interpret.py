@@ -181,12 +181,18 @@ def test_regression_and_sequences():
     assert seq.predictions.shape == (10, 5) and seq.confusion_matrix().sum() == 50
 
 
-def test_interpret_loop_on_digits_with_images():
+def digits_loop():
+    "The digits demo's data, model and a quiet loop over them, seeded."
     torch.manual_seed(0)
     data = Digits(batch_size=64)
     model = LeNet(in_channels=1, num_classes=10, image_size=8)
     loop = TrainingLoop(data.training, data.validation, torch.optim.Adam(model.parameters(), lr=3e-3),
                         include_default_callbacks=False)
+    return data, model, loop
+
+
+def test_interpret_loop_on_digits_with_images():
+    data, model, loop = digits_loop()
     with pytest.raises(ValueError, match="model=model"): interpret_loop(loop)
     before = interpret_loop(loop, model=model)
     loop.fit(model, epochs=2, device="cpu")
@@ -231,11 +237,7 @@ def test_bad_arguments():
 
 def test_loop_interpret_and_summary_are_the_views_of_the_loop():
     from trainloop_nb.summary import model_summary
-    torch.manual_seed(0)
-    data = Digits(batch_size=64)
-    model = LeNet(in_channels=1, num_classes=10, image_size=8)
-    loop = TrainingLoop(data.training, data.validation, torch.optim.Adam(model.parameters(), lr=3e-3),
-                        include_default_callbacks=False)
+    data, model, loop = digits_loop()
     with pytest.raises(ValueError, match="model=model"): loop.interpret()
     first_input = next(iter(data.validation))[0]
     assert loop.summary(model=model).total == model_summary(model, first_input).total == sum(p.numel() for p in model.parameters())
