@@ -506,6 +506,18 @@ def test_nonfinite_loss_names_epoch_batch_and_step():
     assert len(loop.history) == 1
 
 
+@pytest.mark.parametrize("options", [dict(accumulate_steps=2), dict(precision="bf16-mixed")])
+def test_nonfinite_loss_is_caught_with_mixed_precision_and_accumulation(options):
+    "Every path that makes a training loss is watched, not only the plain step."
+    x, y = nan_at(3)  # a sample of the first batch
+    torch.manual_seed(0)
+    model = torch.nn.Linear(5, 2)
+    loop = TrainingLoop(TrainingEpochs((x, y), batch_size=8, shuffle=False), None,
+                        torch.optim.SGD(model.parameters(), lr=0.1), include_default_callbacks=False)
+    with pytest.raises(FloatingPointError, match=r"epoch 1, batch 1 "): loop.fit(model, epochs=2, **options)
+    assert loop.history == []
+
+
 def test_nonfinite_check_off_trains_on_and_prints_nan(tmp_path):
     x, y = nan_at(0)
     torch.manual_seed(0)

@@ -320,13 +320,13 @@ class _NonfiniteWatch:
         self.ok = self.reached = None
         self.first_step, self.previous_batch = step, -1
 
-    def update(self, loss: torch.Tensor, batch_index: int) -> None:
+    def update(self, loss: torch.Tensor, batch_index: int, stepped: bool = True) -> None:
         if self.ok is None:
             self.ok = torch.ones((), dtype=torch.bool, device=loss.device)
             self.reached = torch.zeros((), dtype=torch.int64, device=loss.device)
         gap, self.previous_batch = batch_index - self.previous_batch, batch_index
         # While every loss so far is finite, count this step (low 32 bits) and the batches up to it (high 32 bits).
-        self.reached.add_(self.ok, alpha=(gap << 32) + 1)
+        self.reached.add_(self.ok, alpha=(gap << 32) + int(stepped))
         self.ok.logical_and_(loss.mul(0).eq_(0))  # x * 0 is 0 unless x is nan or ±inf: cheaper than isfinite
 
     def first_nonfinite(self) -> tuple[int, int] | None:
@@ -370,7 +370,6 @@ def _warn_left_out(model: torch.nn.Module, optimizer_params: set[int]) -> None:
     warnings.warn(f"the optimizer holds {len(trainable) - len(left_out)} of the model's {len(trainable)} trainable parameter "
                   f"tensors: {len(left_out)} ({sum(p.numel() for p in left_out):,} values) will not be trained. Build it "
                   "from model.parameters(), or freeze those with requires_grad_(False) if that is meant", stacklevel=4)
-
 
 # %% ../nbs/03_loop.ipynb #34e4eaa8
 class TrainingLoop:
@@ -543,6 +542,7 @@ class TrainingLoop:
         self.last_step_input, self.last_step_target = self._on_device(batch)
         self.last_step_output = self.last_step_loss = None
         self._signals.holding = True  # Ctrl-C or SIGTERM waits until this batch is complete: no step is half applied
+        self._step_before_batch = self.step
         try: self._with_events(Event.batch_start, self._training_step, Event.batch_end, CancelBatch,
                                finish=self._count_training_batch)
         finally: self._signals.release()  # and raises one that came meanwhile
@@ -556,7 +556,6 @@ class TrainingLoop:
         self._fire(Event.update_start)
         self.optimizer.step()
         self.step += 1
-        if self.stop_on_nonfinite: self._nonfinite.update(self.last_step_loss.detach(), self.batch_index)  # device only
 
     def _mixed_or_accumulated_step(self) -> None:
         "The same step with mixed precision (autocast, GradScaler) and gradients summed over a group of batches."
@@ -593,6 +592,9 @@ class TrainingLoop:
 
     def _count_training_batch(self) -> None:
         self._count_batch()
+        # Every training loss watched, whatever path made it (plain, mixed precision, an accumulation group): device only.
+        if self.stop_on_nonfinite and self.last_step_loss is not None:
+            self._nonfinite.update(self.last_step_loss.detach(), self.batch_index, stepped=self.step != self._step_before_batch)
         # The torch generators as this batch ends (about 4 µs on the CPU; no device wait): a run stopped inside the
         # next batch, after its dropout drew numbers, resumes by replaying that batch with the same draws.
         self._batch_rng = _torch_rng_state(self.device)
