@@ -518,6 +518,34 @@ def test_nonfinite_loss_is_caught_with_mixed_precision_and_accumulation(options)
     assert loop.history == []
 
 
+def test_nonfinite_loss_found_past_many_groups_of_losses_and_through_a_resume():
+    "The losses are checked a group at a time: the first of two non-finite ones, hundreds of batches in, is named, also after a stop and loop.resume()."
+    x, y = toy(2 * 400)
+    x[2 * 200, 0] = x[2 * 300 + 1, 0] = float("nan")  # batches 201 and 301 (1-based) of 2-sample unshuffled batches
+    class StopAt(Callback):
+        def batch_end(self, loop):
+            if loop.batch_index == 250 and not self.stopped: self.stopped = True; raise KeyboardInterrupt
+    stop = StopAt()
+    stop.stopped = False
+    torch.manual_seed(0)
+    model = torch.nn.Linear(5, 2)
+    loop = TrainingLoop(TrainingEpochs((x, y), batch_size=2, shuffle=False), None, torch.optim.SGD(model.parameters(), lr=0.1),
+                        callbacks=[stop], include_default_callbacks=False)
+    with pytest.raises(KeyboardInterrupt): loop.fit(model, epochs=1, accumulate_steps=3)  # groups end at batches 3, 6, ...
+    with pytest.raises(FloatingPointError, match=r"epoch 1, batch 201 \(step 67\)"): loop.resume()
+
+
+def test_nonfinite_watch_reads_the_state_an_older_version_saved():
+    "Run states written before the watch kept codes held a flag and packed counts: a non-finite loss they recorded is kept."
+    from trainloop_nb.loop import _NonfiniteWatch
+    old = {"ok": torch.tensor(False), "reached": torch.tensor(5 << 32 | 3), "first_step": 10, "previous_batch": 6}
+    watch = _NonfiniteWatch()
+    watch.load_state_dict(old, torch.device("cpu"))
+    assert watch.first_nonfinite() == (4, 13)  # the 5th batch, after 3 of the phase's steps on top of 10
+    watch.load_state_dict({**old, "ok": torch.tensor(True)}, torch.device("cpu"))
+    assert watch.first_nonfinite() is None
+
+
 def test_nonfinite_check_off_trains_on_and_prints_nan(tmp_path):
     x, y = nan_at(0)
     torch.manual_seed(0)
