@@ -6,20 +6,22 @@ the same metrics the same way the loop does: the sample-weighted loss sum and th
 predictions, kept on the device and read once per epoch. So the difference is the loop's own cost:
 dispatch, the batch split and move, metric bookkeeping, and what the callbacks do at each event.
 
-Variants, run in turn (the order rotates every repeat, so drift in the machine's speed hits all alike):
+Variants, run in turn as short fits (one epoch of --block steps each, the order rotating every block), so
+that drift in the machine's speed, which on a shared machine is larger than what is measured, hits all alike:
   hand      the hand-written loop
   defaults  TrainingLoop with its default callbacks (the progress printer in terminal mode, bars
             written to /dev/null: the costlier of the script modes)
   all       the same with every built-in callback attached: LiveLossPlot (console), CSVLogger,
             TensorBoardLogger, LearningRateScheduler and CallbackInspector
   --each    adds one run per built-in callback alone (on top of the defaults)
-Prints µs per step of each (median over repeats) and the median of the per-repeat differences to the hand
-loop, by wall time and by this process's CPU time (on a shared machine the CPU time is the steadier one),
-and the 10th percentile of the single steps' times (every variant stamps the clock once per step): a step
-that nothing else interrupted, the steadiest figure of the three when other processes share the CPU.
-The final weights of every variant must equal the hand loop's bitwise: the same arithmetic ran.
+Every variant stamps the clock once per step (the loop from a last callback at batch_end), so each step's
+time is known; the first few steps of each fit are left out (they pay the fit's first calls). Prints the
+median, 10th percentile and mean of the pooled single-step times of each variant and their differences to
+the hand loop (the median and the 10th percentile are the steadier figures when other processes share the
+CPU), and the whole fit's time per step (set-up and the epoch's end included, so it is larger for short
+fits). The final weights of every fit must equal the hand loop's bitwise: the same arithmetic ran.
 
-    .venv/bin/python benchmarks/step_cost.py [--steps 20000] [--repeats 5] [--each]
+    .venv/bin/python benchmarks/step_cost.py [--block 400] [--blocks 50] [--each]
 """
 import argparse
 import contextlib
@@ -93,35 +95,35 @@ def loop_fit(model, data, epochs, extra=(), stamps=None):
     loop.fit(model, epochs=epochs, device="cpu")
 
 
-def timed(run, data, epochs, steps):
-    "One fit from the same seed: (µs per step by wall time, by CPU time, 10th percentile of single steps, final weights)."
+def timed(run, data, steps):
+    "One fit of one epoch from the same seed: (the single steps' times in µs, whole fit µs per step, final weights)."
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 2)
     data.set_epoch(0)
     stamps = []
     with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull):
-        wall, cpu = time.perf_counter(), time.process_time()
-        run(model, data, epochs, stamps=stamps)
-        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-    single = sorted(b - a for a, b in zip(stamps, stamps[1:]))
-    return (1e6 * wall / steps, 1e6 * cpu / steps, 1e6 * single[len(single) // 10],
-            [p.detach().clone() for p in model.parameters()])
+        wall = time.perf_counter()
+        run(model, data, 1, stamps=stamps)
+        wall = time.perf_counter() - wall
+    single = [1e6 * (b - a) for a, b in zip(stamps[SETTLE:], stamps[SETTLE + 1:])]
+    return single, 1e6 * wall / steps, [p.detach().clone() for p in model.parameters()]
+
+
+SETTLE = 5  # steps left out at the start of each block: the fit's first calls
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=20_000, help="training steps per fit (5 epochs)")
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--block", type=int, default=400, help="training steps per fit (one epoch)")
+    p.add_argument("--blocks", type=int, default=50, help="fits of each variant, taken in turn")
     p.add_argument("--each", action="store_true", help="also time each built-in callback alone")
     args = p.parse_args()
     torch.set_num_threads(1)
-    epochs, batch_size = 5, 4
-    per_epoch = args.steps // epochs
+    batch_size = 4
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(per_epoch * batch_size, 4, generator=g)
+    x = torch.randn(args.block * batch_size, 4, generator=g)
     y = (x[:, 0] + 0.5 * torch.randn(len(x), generator=g) > 0).long()
     data = TrainingEpochs((x, y), batch_size=batch_size, seed=0)
-    steps = per_epoch * epochs
 
     with tempfile.TemporaryDirectory() as folder:
         makers = callback_makers(folder)
@@ -131,26 +133,33 @@ def main():
             for name, make in makers.items():
                 variants[f"+{name}"] = lambda m, d, e, stamps, make=make: loop_fit(m, d, e, [make], stamps)
         names = list(variants)
-        for name in names: timed(variants[name], data, 1, per_epoch)  # warm-up: first calls, allocator, imports
-        results = {name: [] for name in names}
-        for r in range(args.repeats):
-            order = names[r % len(names):] + names[:r % len(names)]
-            for name in order: results[name].append(timed(variants[name], data, epochs, steps))
-            line = "  ".join(f"{n} {results[n][-1][1]:6.1f}" for n in names)
-            print(f"repeat {r + 1}: CPU µs/step  {line}", flush=True)
+        for name in names: timed(variants[name], data, args.block)  # warm-up: first calls, allocator, imports
+        steps = {name: [] for name in names}
+        fits = {name: [] for name in names}
+        same = dict.fromkeys(names, True)
+        for b in range(args.blocks):
+            for name in names[b % len(names):] + names[:b % len(names)]:
+                single, fit_cost, weights = timed(variants[name], data, args.block)
+                steps[name] += single
+                fits[name].append(fit_cost)
+                if name == "hand": reference = weights
+                elif b: same[name] &= all(torch.equal(a, w) for a, w in zip(reference, weights))
+            if (b + 1) % 10 == 0: print(f"{b + 1} blocks of {args.block} steps done", flush=True)
 
-    reference = results["hand"][-1][3]
-    print(f"\nLinear(4, 2), batch {batch_size}, {per_epoch} steps/epoch x {epochs} epochs, {args.repeats} rotating "
-          f"repeats, torch {torch.__version__}, {torch.get_num_threads()} thread, CPU")
-    print(f"{'variant':<24} {'wall µs/step':>13} {'- hand':>8}   {'CPU µs/step':>12} {'- hand':>8}   "
-          f"{'p10 step µs':>12} {'- hand':>8}   weights = hand")
+    print(f"\nLinear(4, 2), batch {batch_size}, {args.blocks} fits of {args.block} steps per variant, taken in turn; "
+          f"torch {torch.__version__}, {torch.get_num_threads()} thread, CPU")
+    print(f"{'variant':<24} {'median step µs':>15} {'- hand':>8}   {'p10 step µs':>12} {'- hand':>8}   "
+          f"{'mean step µs':>13} {'- hand':>8}   {'whole fit µs/step':>18}   weights = hand")
+    figures = {name: figures_of(steps[name]) for name in names}
     for name in names:
-        row, hand = results[name], results["hand"]
-        medians = [statistics.median(r[i] for r in row) for i in range(3)]
-        differences = [statistics.median(r[i] - h[i] for r, h in zip(row, hand)) for i in range(3)]
-        same = all(torch.equal(a, b) for a, b in zip(row[-1][3], reference))
-        print(f"{name:<24} " + "   ".join(f"{m:{w}.1f} {d:+8.1f}" for m, d, w in zip(medians, differences, (13, 12, 12)))
-              + f"   {same}")
+        cells = [f"{m:{w}.1f} {m - h:+8.1f}" for m, h, w in zip(figures[name], figures["hand"], (15, 12, 13))]
+        print(f"{name:<24} " + "   ".join(cells) + f"   {statistics.median(fits[name]):18.1f}   {same[name]}")
+
+
+def figures_of(single: list[float]) -> tuple[float, float, float]:
+    "Median, 10th percentile and mean of the single steps' times."
+    ordered = sorted(single)
+    return ordered[len(ordered) // 2], ordered[len(ordered) // 10], sum(ordered) / len(ordered)
 
 
 if __name__ == "__main__":

@@ -140,6 +140,29 @@ def test_batches_are_copies_not_views():
     assert torch.equal(x.squeeze(1), torch.arange(8).float())
 
 
+def test_batches_equal_plain_indexing_for_any_shape_and_layout():
+    "The batches are cut with index_select: the same values, dtype and shape as t[idx], also from non-contiguous tensors."
+    g = torch.Generator().manual_seed(3)
+    images = torch.randn(3, 40, 5, 4, generator=g).transpose(0, 1)  # [40, 3, 5, 4], not contiguous
+    labels, weights = torch.randint(0, 7, (40,), generator=g), torch.rand(40, generator=g, dtype=torch.float64)
+    epochs = TrainingEpochs((images, labels, weights), batch_size=6, seed=5)
+    order = epochs.epoch_order(0)
+    for k, batch in enumerate(epochs):
+        idx = order[6 * k:6 * k + 6]
+        for cut, whole in zip(batch, (images, labels, weights), strict=True):
+            assert cut.dtype == whole.dtype and torch.equal(cut, whole[idx])
+    assert k == 5
+
+
+def test_tensors_on_another_device_than_the_order_get_their_batches_there():
+    "Tensors kept on a device (here 'meta', as a GPU would be) are cut there; tensors on the CPU beside them still pair up."
+    x, y = torch.empty(10, 3, device="meta"), torch.arange(10)
+    batches = list(TrainingEpochs((x, y), batch_size=4, seed=1))
+    assert [(tuple(b[0].shape), b[0].device.type, b[1].device.type) for b in batches] == [((4, 3), "meta", "cpu")] * 2
+    assert torch.equal(torch.cat([b[1] for b in batches]), TrainingEpochs((x, y), 4, seed=1).epoch_order(0)[:8])
+    assert [tuple(b[0].shape) for b in ValidationBatches((x, y), batch_size=4)] == [(4, 3), (4, 3), (2, 3)]
+
+
 @pytest.mark.parametrize("make, message", [
     (lambda: TrainingEpochs(indexed(10), batch_size=0), "batch_size must be a positive integer"),
     (lambda: TrainingEpochs(indexed(10), batch_size=2.5), "batch_size must be a positive integer"),
