@@ -19,7 +19,8 @@ time is known; the first few steps of each fit are left out (they pay the fit's 
 median, 10th percentile and mean of the pooled single-step times of each variant and their differences to
 the hand loop (the median and the 10th percentile are the steadier figures when other processes share the
 CPU), and the whole fit's time per step (set-up and the epoch's end included, so it is larger for short
-fits). The final weights of every fit must equal the hand loop's bitwise: the same arithmetic ran.
+fits). "paired" is the median over blocks of (the variant's median step - the hand loop's median step in the
+same round of blocks): drift slower than a round cancels in it. The final weights of every fit must equal the hand loop's bitwise: the same arithmetic ran.
 
     .venv/bin/python benchmarks/step_cost.py [--block 400] [--blocks 50] [--each]
 """
@@ -136,11 +137,13 @@ def main():
         for name in names: timed(variants[name], data, args.block)  # warm-up: first calls, allocator, imports
         steps = {name: [] for name in names}
         fits = {name: [] for name in names}
+        block_medians = {name: [] for name in names}
         same = dict.fromkeys(names, True)
         for b in range(args.blocks):
             for name in names[b % len(names):] + names[:b % len(names)]:
                 single, fit_cost, weights = timed(variants[name], data, args.block)
                 steps[name] += single
+                block_medians[name].append(statistics.median(single))
                 fits[name].append(fit_cost)
                 if name == "hand": reference = weights
                 elif b: same[name] &= all(torch.equal(a, w) for a, w in zip(reference, weights))
@@ -149,11 +152,12 @@ def main():
     print(f"\nLinear(4, 2), batch {batch_size}, {args.blocks} fits of {args.block} steps per variant, taken in turn; "
           f"torch {torch.__version__}, {torch.get_num_threads()} thread, CPU")
     print(f"{'variant':<24} {'median step µs':>15} {'- hand':>8}   {'p10 step µs':>12} {'- hand':>8}   "
-          f"{'mean step µs':>13} {'- hand':>8}   {'whole fit µs/step':>18}   weights = hand")
+          f"{'mean step µs':>13} {'- hand':>8}   {'paired - hand':>14}   {'whole fit µs/step':>18}   weights = hand")
     figures = {name: figures_of(steps[name]) for name in names}
     for name in names:
         cells = [f"{m:{w}.1f} {m - h:+8.1f}" for m, h, w in zip(figures[name], figures["hand"], (15, 12, 13))]
-        print(f"{name:<24} " + "   ".join(cells) + f"   {statistics.median(fits[name]):18.1f}   {same[name]}")
+        paired = statistics.median(m - h for m, h in zip(block_medians[name], block_medians["hand"]))
+        print(f"{name:<24} " + "   ".join(cells) + f"   {paired:+14.1f}   {statistics.median(fits[name]):18.1f}   {same[name]}")
 
 
 def figures_of(single: list[float]) -> tuple[float, float, float]:

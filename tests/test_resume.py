@@ -147,6 +147,62 @@ def test_interrupted_at_every_event_resumes_bitwise(reference, tmp_path):
         except AssertionError as e: raise AssertionError(f"{where}, resumed in memory") from e
 
 
+# --- the generators' state at a batch's start, kept only while the batches draw random numbers ------------------------
+class DropoutFrom(Callback):
+    "Dropout draws nothing until training batch `start` of each epoch (the module is in eval mode before it)."
+    def __init__(self, start): self.start = start
+    def batch_start(self, loop):
+        if loop.phase == "training": loop.model[2].train(loop.batch_index >= self.start)
+
+
+def late_dropout_run(extra=(), start=40):
+    "A dropout model whose batches draw random numbers only from batch `start` of each 100-batch epoch on."
+    x, y = toy(200)
+    model = dropout_model()
+    loop = TrainingLoop(TrainingEpochs((x, y), batch_size=2, seed=3), None, torch.optim.SGD(model.parameters(), lr=0.05),
+                        callbacks=[DropoutFrom(start), *extra], include_default_callbacks=False)
+    return loop, model
+
+
+def test_batches_that_draw_nothing_keep_no_generator_state_per_batch(monkeypatch):
+    import trainloop_nb.loop as loop_module
+    taken = []
+    real = loop_module._batch_rng
+    monkeypatch.setattr(loop_module, "_batch_rng", lambda device: taken.append(1) or real(device))
+    def snapshots(start):
+        taken.clear()
+        loop, model = late_dropout_run(start=start)
+        loop.fit(model, epochs=1)
+        return len(taken)
+    # One at the phase's start, one after its first batch, then one every 16 batches until the first draw (of 100 batches)
+    assert snapshots(start=1000) == 2 + 99 // 16
+    assert snapshots(start=0) == 101  # drawing from the first batch: one every batch
+    # Drawing from batch 40: looks after batches 0, 16 and 32 see nothing, the one after batch 48 sees it; then every batch
+    assert snapshots(start=40) == 1 + 1 + 3 + (99 - 48)
+
+
+@pytest.mark.parametrize("event, n", [(Event.update_start, 30), (Event.batch_end, 57), (Event.update_start, 75)])
+def test_resume_inside_a_batch_is_exact_whether_the_batches_draw_or_not(event, n):
+    "Stopped inside batch 30 (no draws yet), right after the first drawing batches, or well after: the same weights."
+    loop, model = late_dropout_run()
+    loop.fit(model, epochs=2)
+    reference = copy.deepcopy(model.state_dict())
+    loop, model = late_dropout_run([InterruptAt(event, n)])
+    with pytest.raises(KeyboardInterrupt) as stopped: loop.fit(model, epochs=2)
+    assert not any("draws" in note for note in getattr(stopped.value, "__notes__", []))
+    torch.manual_seed(99)
+    loop.resume()
+    assert same_weights(model, reference)
+
+
+def test_a_stop_before_the_loop_saw_the_first_draws_says_the_resume_will_differ():
+    "Inside batch 43, three batches after dropout began and before the next look at the generators: said on the error."
+    loop, model = late_dropout_run([InterruptAt(Event.update_start, 44)])
+    with pytest.raises(KeyboardInterrupt) as stopped: loop.fit(model, epochs=1)
+    assert any("replays the interrupted batch with other draws" in note for note in stopped.value.__notes__)
+    assert len(loop.resume()) == 1  # it resumes all the same
+
+
 def test_interrupted_twice_and_resumed_twice(reference, tmp_path):
     loop, model = build(tmp_path, [InterruptAt(Event.update_start, 2), InterruptAt(Event.inference_prediction_end, 3)])
     with pytest.raises(KeyboardInterrupt): loop.fit(model, epochs=EPOCHS)

@@ -179,7 +179,7 @@ def _torch_rng_state(device: torch.device | None) -> dict[str, torch.Tensor]:
     return state
 
 def _batch_rng(device: torch.device | None) -> dict[str, Any]:
-    "The same, taken as every training batch ends: the CPU generator cloned, not copied into a new tensor (~10 µs a step)."
+    "The same, the CPU generator cloned rather than copied into a new tensor."
     state = {"cpu": torch.default_generator.clone_state()}
     if device is not None and device.type == "cuda": state["cuda"] = torch.cuda.get_rng_state(device)
     return state
@@ -187,6 +187,42 @@ def _batch_rng(device: torch.device | None) -> dict[str, Any]:
 def _rng_tensors(state: dict[str, Any]) -> dict[str, torch.Tensor]:
     "`_batch_rng`'s states as `_torch_rng_state` gives them, for a checkpoint."
     return {k: v.get_state() if isinstance(v, torch.Generator) else v for k, v in state.items()}
+
+def _same_rng(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+class _BatchStartRng:
+    """The torch generators' state at the start of the training batch under way: a run stopped inside a batch resumes
+    by replaying it with the same draws (dropout, random augmentation).
+
+    Keeping it costs a clone of the CPU generator's 5 KB a batch (about 10 µs a step on a small CPU model), which
+    is only needed while the batches draw random numbers. So the state is compared with the one kept after the
+    phase's first batch, then every `check_every` batches; from the first change on it is kept every batch."""
+    check_every = 16
+
+    def start(self, device: torch.device | None) -> None:
+        "As the phase's batches start (after `iter(data)`, and after a resumed run's generators are put back)."
+        self.device, self.drawing, self.since_check, self.exact = device, None, 0, True
+        self.kept = _batch_rng(device)
+
+    def batch_end(self) -> None:
+        "As a training batch ends (before its `batch_end` callbacks): device-free, a few attribute reads unless drawing."
+        if self.drawing:
+            self.kept = _batch_rng(self.device)
+            return
+        self.since_check += 1
+        if self.drawing is None or self.since_check == self.check_every:
+            now = _batch_rng(self.device)
+            self.drawing = not _same_rng(_rng_tensors(now), _rng_tensors(self.kept))
+            self.kept, self.since_check = now, 0
+
+    def for_resume(self, inside_batch: bool) -> dict[str, torch.Tensor]:
+        "The state a resumed run starts its next batch from; `exact` turns False if that cannot be the one this run had."
+        if self.drawing is not False: return _rng_tensors(self.kept)  # kept every batch, or the phase's start state
+        now = _torch_rng_state(self.device)
+        # Nothing drawn since the last look: the state now is the batch's start state. Between batches it is right anyway.
+        if inside_batch and not _same_rng(now, _rng_tensors(self.kept)): self.exact = False
+        return now
 
 def _set_torch_rng_state(state: dict[str, torch.Tensor], device: torch.device | None) -> None:
     torch.set_rng_state(state["cpu"])
@@ -566,7 +602,7 @@ class TrainingLoop:
     def _training_batch(self, batch: Any) -> None:
         self.last_step_input, self.last_step_target = self._on_device(batch)
         self.last_step_output = self.last_step_loss = None
-        self._signals.holding = True  # Ctrl-C or SIGTERM waits until this batch is complete: no step is half applied
+        self._signals.holding = self._inside_batch = True  # Ctrl-C or SIGTERM waits until this batch is complete: no step is half applied
         try: self._with_events(Event.batch_start, self._training_step, Event.batch_end, CancelBatch,
                                finish=self._count_training_batch)
         finally: self._signals.release()  # and raises one that came meanwhile
@@ -618,9 +654,10 @@ class TrainingLoop:
         loss = self._count_batch()
         # Every training loss watched, whatever path made it (plain, mixed precision, an accumulation group): device only.
         if loss is not None and self.stop_on_nonfinite: self._nonfinite.update(loss, self.batch_index, self.step)
-        # The torch generators as this batch ends (about 2 µs on the CPU; no device wait): a run stopped inside the
-        # next batch, after its dropout drew numbers, resumes by replaying that batch with the same draws.
-        self._batch_rng = _batch_rng(self.device)
+        # The torch generators as this batch ends, kept while the batches draw random numbers (no device wait): a run
+        # stopped inside the next batch, after its dropout drew numbers, resumes by replaying it with the same draws.
+        self._rng.batch_end()
+        self._inside_batch = False
 
     def _on_device(self, batch: Any) -> tuple[Any, Any]:
         "The batch as (input, target) on the loop's device; a tensor already there is taken as it is, with no call into torch."
@@ -776,7 +813,8 @@ class TrainingLoop:
         self._resume: dict | None = None  # the run being continued, until the loop reaches its position
         self._fit_callbacks: list[Any] = []
         self._epoch_record, self._epoch_started, self._phases_done = None, 0.0, []
-        self._open_phase_name, self._phase_start, self._batch_rng, self._batches_done = None, None, None, 0
+        self._open_phase_name, self._phase_start, self._batches_done, self._inside_batch = None, None, 0, False
+        self._rng = _BatchStartRng()
 
     def state_dict(self) -> dict[str, Any]:
         "The run at its last completed step: model, optimizer, position, history, RNGs and callback states (what a checkpoint holds)."
@@ -804,6 +842,16 @@ class TrainingLoop:
                 "callbacks": {key: cb.state_dict() for key, cb in _stateful_callbacks(self.callbacks).items()},
                 "scaler": self.scaler.state_dict() if self.scaler is not None else None}  # "16-mixed": its scale
 
+    def _batch_start_rng(self) -> dict[str, torch.Tensor]:
+        "The generators' state for a resume of the training phase under way; says so on the error if it cannot be exact."
+        state = self._rng.for_resume(self._inside_batch)
+        if not self._rng.exact and self.exception is not None and not getattr(self.exception, "_trainloop_rng_noted", False):
+            add_note(self.exception, "the batches had started drawing random numbers in the last "
+                     f"{_BatchStartRng.check_every} batches, unseen: a resume replays the interrupted batch with other "
+                     "draws, so its weights will differ slightly from an uninterrupted run's")
+            self.exception._trainloop_rng_noted = True
+        return state
+
     def _position(self) -> dict[str, Any]:
         "The next epoch; or the open one, its record so far, and the phase under way with its batches done and sums."
         if self._epoch_record is None: return {"epoch": len(self.history), "record": None}
@@ -814,7 +862,7 @@ class TrainingLoop:
         position.update(phase=self._open_phase_name, batch=self._batches_done, phase_start=self._phase_start,
                         metrics=[_metric_state(m) for m in self.metrics],
                         # validation draws no numbers (eval mode): the generators as they are now are its batch boundary
-                        batch_rng=_rng_tensors(self._batch_rng) if training else None,
+                        batch_rng=self._batch_start_rng() if training else None,
                         nonfinite=self._nonfinite.state_dict() if training else None)
         return position
 
@@ -883,7 +931,7 @@ class TrainingLoop:
         return position
 
     def _open_phase(self, phase: Phase) -> None:
-        self._open_phase_name, self._phase_start, self._batch_rng, self._batches_done = phase.value, None, None, 0
+        self._open_phase_name, self._phase_start, self._batches_done, self._inside_batch = phase.value, None, 0, False
         if phase is Phase.training: self._nonfinite.start()
         position = self._resuming_phase()
         if position is None: return
@@ -923,7 +971,8 @@ class TrainingLoop:
             _set_rng_state(self._resume["rng"], self.device, torch_too=position["batch_rng"] is None)
             if position["batch_rng"] is not None: _set_torch_rng_state(position["batch_rng"], self.device)
             self._resume = None
-        self._batch_rng, self._batches_done = _batch_rng(self.device), done
+        self._batches_done = done
+        self._rng.start(self.device)
         return batches, done
 
     def _end_run(self) -> None:
