@@ -5,6 +5,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 
 import matplotlib.image
 import pytest
@@ -115,7 +116,14 @@ def test_notebook_mode_redraws_at_epoch_ends_and_when_refresh_allows(monkeypatch
     plot = LiveLossPlot(mode="notebook", refresh=3600)
     monkeypatch.setattr(plot, "_show", lambda figure: shown.append(len(plot.steps)))
     monkeypatch.setattr(plot, "figure", lambda: setattr(plot, "_figure", "drawn"))  # drawing costs nothing here
-    loop, model = make_loop([plot])
+    # and takes no time: a clock that moves a second between batches and stands still within one (on a busy
+    # machine a real one can catch a pause inside the draw, which spaces the next draw out nine times as long)
+    clock = [0.0]
+    class Tick(Callback):
+        order = Order.observe
+        def batch_start(self, loop): clock[0] += 1.0
+    monkeypatch.setattr(time, "monotonic", lambda: clock[0])  # the clock the plot (and the bar) read
+    loop, model = make_loop([Tick(), plot])
     loop.fit(model, epochs=3)
     assert shown == [8, 16, 24]  # once per epoch end; fit_end has nothing new
     plot.refresh = 0.0
