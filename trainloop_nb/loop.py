@@ -65,6 +65,10 @@ _PHASE_EVENTS = {  # phase -> (start event, end event, its cancel, history prefi
     Phase.validation: (Event.validation_start, Event.validation_end, CancelValidation, "valid"),
 }
 
+# The per-batch events, looked up once: reading a member off an Enum class costs about 0.2 µs on Python 3.11.
+_BATCH_START, _BATCH_END, _UPDATE_START, _PREDICTION_END = (
+    Event.batch_start, Event.batch_end, Event.update_start, Event.inference_prediction_end)
+
 def _nothing() -> None: pass
 
 def _length(data: Iterable) -> int | None:
@@ -603,7 +607,7 @@ class TrainingLoop:
         self.last_step_input, self.last_step_target = self._on_device(batch)
         self.last_step_output = self.last_step_loss = None
         self._signals.holding = self._inside_batch = True  # Ctrl-C or SIGTERM waits until this batch is complete: no step is half applied
-        try: self._with_events(Event.batch_start, self._training_step, Event.batch_end, CancelBatch,
+        try: self._with_events(_BATCH_START, self._training_step, _BATCH_END, CancelBatch,
                                finish=self._count_training_batch)
         finally: self._signals.release()  # and raises one that came meanwhile
 
@@ -613,7 +617,7 @@ class TrainingLoop:
         self.last_step_output = self._training_model(self.last_step_input)  # under torchrun, the DDP-wrapped model
         self.last_step_loss = _check_loss(self.loss_func(self.last_step_output, self.last_step_target))
         self.last_step_loss.backward()
-        self._fire(Event.update_start)
+        self._fire(_UPDATE_START)
         self.optimizer.step()
         self.step += 1
 
@@ -627,7 +631,7 @@ class TrainingLoop:
                 self.last_step_loss = _check_loss(self.loss_func(self.last_step_output, self.last_step_target))
             self._backward(self.last_step_loss, last)
         if not last: return
-        self._fire(Event.update_start)
+        self._fire(_UPDATE_START)
         if self.scaler is None:
             self.optimizer.step()
             self.step += 1
@@ -636,18 +640,18 @@ class TrainingLoop:
     def _validation_batch(self, batch: Any) -> None:
         self.last_step_input, self.last_step_target = self._on_device(batch)
         self.last_step_output = self.last_step_loss = None
-        self._with_events(Event.batch_start, self._validation_step, Event.batch_end, CancelBatch, finish=self._count_batch)
+        self._with_events(_BATCH_START, self._validation_step, _BATCH_END, CancelBatch, finish=self._count_batch)
 
     def _validation_step(self) -> None:
         if self.precision != "32": return self._mixed_validation_step()
         self.last_step_output = self._inference_model(self.last_step_input)
-        self._fire(Event.inference_prediction_end)
+        self._fire(_PREDICTION_END)
         self.last_step_loss = _check_loss(self.loss_func(self.last_step_output, self.last_step_target))
 
     def _mixed_validation_step(self) -> None:
         "The same with the forward pass and the loss under autocast (callbacks run outside it, in full precision)."
         with self._autocast: self.last_step_output = self._inference_model(self.last_step_input)
-        self._fire(Event.inference_prediction_end)
+        self._fire(_PREDICTION_END)
         with self._autocast: self.last_step_loss = _check_loss(self.loss_func(self.last_step_output, self.last_step_target))
 
     def _count_training_batch(self) -> None:
