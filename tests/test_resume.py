@@ -195,6 +195,26 @@ def test_resume_inside_a_batch_is_exact_whether_the_batches_draw_or_not(event, n
     assert same_weights(model, reference)
 
 
+def test_a_stop_as_the_training_data_is_opened_resumes(tmp_path):
+    "An error from iter(data) of the second epoch's training phase, before any of its batches: resume() continues exactly."
+    class FailsOnce:
+        def __init__(self, data): self.data, self.calls = data, 0
+        def __len__(self): return len(self.data)
+        def __iter__(self):
+            self.calls += 1
+            if self.calls == 2: raise OSError("the data's disk went away")
+            return iter(self.data)
+    loop, model = build(tmp_path, csv=False)
+    reference_history = loop.fit(model, epochs=EPOCHS)
+    reference = copy.deepcopy(model.state_dict())
+    x, y = toy()
+    loop, model = build(tmp_path, training=FailsOnce(TrainingEpochs((x[:48], y[:48]), batch_size=16, seed=3)), csv=False)
+    with pytest.raises(OSError) as stopped: loop.fit(model, epochs=EPOCHS)
+    assert not any("will not be possible" in note for note in getattr(stopped.value, "__notes__", []))
+    history = loop.resume()
+    assert same_weights(model, reference) and without_time(history) == without_time(reference_history)
+
+
 def test_a_stop_before_the_loop_saw_the_first_draws_says_the_resume_will_differ():
     "Inside batch 43, three batches after dropout began and before the next look at the generators: said on the error."
     loop, model = late_dropout_run([InterruptAt(Event.update_start, 44)])

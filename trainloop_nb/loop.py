@@ -203,6 +203,7 @@ class _BatchStartRng:
     is only needed while the batches draw random numbers. So the state is compared with the one kept after the
     phase's first batch, then every `check_every` batches; from the first change on it is kept every batch."""
     check_every = 16
+    def __init__(self): self.kept, self.drawing, self.exact = None, None, True  # until the phase's batches start
 
     def start(self, device: torch.device | None) -> None:
         "As the phase's batches start (after `iter(data)`, and after a resumed run's generators are put back)."
@@ -221,7 +222,8 @@ class _BatchStartRng:
             self.kept, self.since_check = now, 0
 
     def for_resume(self, inside_batch: bool) -> dict[str, torch.Tensor]:
-        "The state a resumed run starts its next batch from; `exact` turns False if that cannot be the one this run had."
+        "The state a resumed run starts its next batch from (None: the phase's start state); `exact` turns False if it cannot be the run's."
+        if self.kept is None: return None  # stopped before the phase's batches started
         if self.drawing is not False: return _rng_tensors(self.kept)  # kept every batch, or the phase's start state
         now = _torch_rng_state(self.device)
         # Nothing drawn since the last look: the state now is the batch's start state. Between batches it is right anyway.
@@ -936,6 +938,7 @@ class TrainingLoop:
 
     def _open_phase(self, phase: Phase) -> None:
         self._open_phase_name, self._phase_start, self._batches_done, self._inside_batch = phase.value, None, 0, False
+        self._rng = _BatchStartRng()
         if phase is Phase.training: self._nonfinite.start()
         position = self._resuming_phase()
         if position is None: return
