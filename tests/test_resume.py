@@ -598,15 +598,10 @@ def test_nonfinite_loss_found_past_many_groups_of_losses_and_through_a_resume():
     "The losses are checked a group at a time: the first of two non-finite ones, hundreds of batches in, is named, also after a stop and loop.resume()."
     x, y = toy(2 * 400)
     x[2 * 200, 0] = x[2 * 300 + 1, 0] = float("nan")  # batches 201 and 301 (1-based) of 2-sample unshuffled batches
-    class StopAt(Callback):
-        def batch_end(self, loop):
-            if loop.batch_index == 250 and not self.stopped: self.stopped = True; raise KeyboardInterrupt
-    stop = StopAt()
-    stop.stopped = False
     torch.manual_seed(0)
     model = torch.nn.Linear(5, 2)
     loop = TrainingLoop(TrainingEpochs((x, y), batch_size=2, shuffle=False), None, torch.optim.SGD(model.parameters(), lr=0.1),
-                        callbacks=[stop], include_default_callbacks=False)
+                        callbacks=[InterruptAt(Event.batch_end, 251)], include_default_callbacks=False)  # after batch 251
     with pytest.raises(KeyboardInterrupt): loop.fit(model, epochs=1, accumulate_steps=3)  # groups end at batches 3, 6, ...
     with pytest.raises(FloatingPointError, match=r"epoch 1, batch 201 \(step 67\)"): loop.resume()
 
