@@ -96,6 +96,9 @@ def loop_fit(model, data, epochs, extra=(), stamps=None):
     loop.fit(model, epochs=epochs, device="cpu")
 
 
+SETTLE = 5  # steps left out at the start of each block: the fit's first calls
+
+
 def timed(run, data, steps):
     "One fit of one epoch from the same seed: (the single steps' times in µs, whole fit µs per step, final weights)."
     torch.manual_seed(0)
@@ -108,9 +111,6 @@ def timed(run, data, steps):
         wall = time.perf_counter() - wall
     single = [1e6 * (b - a) for a, b in zip(stamps[SETTLE:], stamps[SETTLE + 1:])]
     return single, 1e6 * wall / steps, [p.detach().clone() for p in model.parameters()]
-
-
-SETTLE = 5  # steps left out at the start of each block: the fit's first calls
 
 
 def main():

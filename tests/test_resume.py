@@ -167,8 +167,11 @@ def late_dropout_run(extra=(), start=40):
 def test_batches_that_draw_nothing_keep_no_generator_state_per_batch(monkeypatch):
     import trainloop_nb.loop as loop_module
     taken = []
-    real = loop_module._batch_rng
-    monkeypatch.setattr(loop_module, "_batch_rng", lambda device: taken.append(1) or real(device))
+    real = loop_module._torch_rng_state
+    def counted(device, clone=False):  # the snapshots the per-batch path keeps are clones
+        if clone: taken.append(1)
+        return real(device, clone)
+    monkeypatch.setattr(loop_module, "_torch_rng_state", counted)
     def snapshots(start):
         taken.clear()
         loop, model = late_dropout_run(start=start)

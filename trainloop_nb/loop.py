@@ -177,19 +177,15 @@ def _check_run_state(state: Any, source: str) -> None:
         raise _resume_error(f"{source} was written by a newer trainloop_nb (run state version {state['version']}); upgrade to resume it")
 
 # -- random number generators: torch (CPU and the CUDA device in use), numpy, random ----------------------------------
-def _torch_rng_state(device: torch.device | None) -> dict[str, torch.Tensor]:
-    state = {"cpu": torch.get_rng_state()}
+def _torch_rng_state(device: torch.device | None, clone: bool = False) -> dict[str, Any]:
+    "torch's generators' states (the CPU's, the CUDA device's); `clone=True` clones the CPU generator, cheaper than copying it into a tensor."
+    cpu = torch.default_generator
+    state = {"cpu": cpu.clone_state() if clone else cpu.get_state()}
     if device is not None and device.type == "cuda": state["cuda"] = torch.cuda.get_rng_state(device)  # no device wait
     return state
 
-def _batch_rng(device: torch.device | None) -> dict[str, Any]:
-    "The same, the CPU generator cloned rather than copied into a new tensor."
-    state = {"cpu": torch.default_generator.clone_state()}
-    if device is not None and device.type == "cuda": state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
 def _rng_tensors(state: dict[str, Any]) -> dict[str, torch.Tensor]:
-    "`_batch_rng`'s states as `_torch_rng_state` gives them, for a checkpoint."
+    "A state taken with `clone=True` as tensors, for a checkpoint."
     return {k: v.get_state() if isinstance(v, torch.Generator) else v for k, v in state.items()}
 
 def _same_rng(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
@@ -203,32 +199,35 @@ class _BatchStartRng:
     is only needed while the batches draw random numbers. So the state is compared with the one kept after the
     phase's first batch, then every `check_every` batches; from the first change on it is kept every batch."""
     check_every = 16
-    def __init__(self): self.kept, self.drawing, self.exact = None, None, True  # until the phase's batches start
+    def __init__(self): self.kept = self.drawing = None  # until the phase's batches start
 
     def start(self, device: torch.device | None) -> None:
         "As the phase's batches start (after `iter(data)`, and after a resumed run's generators are put back)."
-        self.device, self.drawing, self.since_check, self.exact = device, None, 0, True
-        self.kept = _batch_rng(device)
+        self.device, self.drawing, self.since_check = device, None, 0
+        self.kept = _torch_rng_state(device, clone=True)
 
     def batch_end(self) -> None:
         "As a training batch ends (before its `batch_end` callbacks): device-free, a few attribute reads unless drawing."
         if self.drawing:
-            self.kept = _batch_rng(self.device)
+            self.kept = _torch_rng_state(self.device, clone=True)
             return
         self.since_check += 1
         if self.drawing is None or self.since_check == self.check_every:
-            now = _batch_rng(self.device)
+            now = _torch_rng_state(self.device, clone=True)
             self.drawing = not _same_rng(_rng_tensors(now), _rng_tensors(self.kept))
             self.kept, self.since_check = now, 0
 
-    def for_resume(self, inside_batch: bool) -> dict[str, torch.Tensor]:
-        "The state a resumed run starts its next batch from (None: the phase's start state); `exact` turns False if it cannot be the run's."
-        if self.kept is None: return None  # stopped before the phase's batches started
-        if self.drawing is not False: return _rng_tensors(self.kept)  # kept every batch, or the phase's start state
+    def for_resume(self, inside_batch: bool) -> tuple[dict[str, torch.Tensor] | None, bool]:
+        "The state a resumed run starts its next batch from (None: the phase's start state), and whether it is this run's."
+        if self.kept is None: return None, True  # stopped before the phase's batches started
+        if self.drawing is not False: return _rng_tensors(self.kept), True  # kept every batch, or the phase's start state
         now = _torch_rng_state(self.device)
         # Nothing drawn since the last look: the state now is the batch's start state. Between batches it is right anyway.
-        if inside_batch and not _same_rng(now, _rng_tensors(self.kept)): self.exact = False
-        return now
+        return now, not inside_batch or _same_rng(now, _rng_tensors(self.kept))
+
+_NOT_REPLAYED_NOTE = (f"the batches had started drawing random numbers in the last {_BatchStartRng.check_every} batches, "
+                      "unseen: a resume replays the interrupted batch with other draws, so its weights will differ "
+                      "slightly from an uninterrupted run's")
 
 def _set_torch_rng_state(state: dict[str, torch.Tensor], device: torch.device | None) -> None:
     torch.set_rng_state(state["cpu"])
@@ -608,7 +607,7 @@ class TrainingLoop:
     def _training_batch(self, batch: Any) -> None:
         self.last_step_input, self.last_step_target = self._on_device(batch)
         self.last_step_output = self.last_step_loss = None
-        self._signals.holding = self._inside_batch = True  # Ctrl-C or SIGTERM waits until this batch is complete: no step is half applied
+        self._signals.holding = True  # Ctrl-C or SIGTERM waits until this batch is complete: no step is half applied
         try: self._with_events(_BATCH_START, self._training_step, _BATCH_END, CancelBatch,
                                finish=self._count_training_batch)
         finally: self._signals.release()  # and raises one that came meanwhile
@@ -663,7 +662,6 @@ class TrainingLoop:
         # The torch generators as this batch ends, kept while the batches draw random numbers (no device wait): a run
         # stopped inside the next batch, after its dropout drew numbers, resumes by replaying it with the same draws.
         self._rng.batch_end()
-        self._inside_batch = False
 
     def _on_device(self, batch: Any) -> tuple[Any, Any]:
         "The batch as (input, target) on the loop's device; a tensor already there is taken as it is, with no call into torch."
@@ -819,7 +817,7 @@ class TrainingLoop:
         self._resume: dict | None = None  # the run being continued, until the loop reaches its position
         self._fit_callbacks: list[Any] = []
         self._epoch_record, self._epoch_started, self._phases_done = None, 0.0, []
-        self._open_phase_name, self._phase_start, self._batches_done, self._inside_batch = None, None, 0, False
+        self._open_phase_name, self._phase_start, self._batches_done = None, None, 0
         self._rng = _BatchStartRng()
 
     def state_dict(self) -> dict[str, Any]:
@@ -850,12 +848,10 @@ class TrainingLoop:
 
     def _batch_start_rng(self) -> dict[str, torch.Tensor]:
         "The generators' state for a resume of the training phase under way; says so on the error if it cannot be exact."
-        state = self._rng.for_resume(self._inside_batch)
-        if not self._rng.exact and self.exception is not None and not getattr(self.exception, "_trainloop_rng_noted", False):
-            add_note(self.exception, "the batches had started drawing random numbers in the last "
-                     f"{_BatchStartRng.check_every} batches, unseen: a resume replays the interrupted batch with other "
-                     "draws, so its weights will differ slightly from an uninterrupted run's")
-            self.exception._trainloop_rng_noted = True
+        inside_batch = self._batches_done == self.batch_index  # the batch under way is counted as it finishes
+        state, exact = self._rng.for_resume(inside_batch)
+        if not exact and self.exception is not None and _NOT_REPLAYED_NOTE not in getattr(self.exception, "__notes__", ()):
+            add_note(self.exception, _NOT_REPLAYED_NOTE)
         return state
 
     def _position(self) -> dict[str, Any]:
@@ -937,7 +933,7 @@ class TrainingLoop:
         return position
 
     def _open_phase(self, phase: Phase) -> None:
-        self._open_phase_name, self._phase_start, self._batches_done, self._inside_batch = phase.value, None, 0, False
+        self._open_phase_name, self._phase_start, self._batches_done = phase.value, None, 0
         self._rng = _BatchStartRng()
         if phase is Phase.training: self._nonfinite.start()
         position = self._resuming_phase()
