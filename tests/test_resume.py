@@ -560,6 +560,28 @@ def test_state_of_a_callback_the_fit_does_not_have_is_a_warning(tmp_path):
     with pytest.warns(UserWarning, match="CSVLogger"): loop.fit(model, epochs=EPOCHS, resume_from=tmp_path / "ck")
 
 
+
+def test_metric_sums_resume_bitwise_between_groups_of_batches(tmp_path):
+    "Metric sums add the batches' values 128 at a time: a run saved mid-group (float64 losses) ends with the same history."
+    from trainloop_nb.callbacks.checkpoint import save_checkpoint
+    x, y = toy(2 * 300)
+    x = x.double()
+    def make(extra=()):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(5, 2).double()
+        loop = TrainingLoop(TrainingEpochs((x, y), batch_size=2, seed=1), ValidationBatches((x[:450], y[:450]), 3),
+                            torch.optim.SGD(model.parameters(), lr=0.05), metrics=["accuracy"], callbacks=list(extra),
+                            include_default_callbacks=False)
+        return loop, model
+    loop, model = make()
+    expected = without_time(loop.fit(model, epochs=2))
+    for n in (200, 300 + 140):  # after training batch 200 (a group added, 72 values waiting); validation batch 140
+        loop, model = make([InterruptAt(Event.batch_end, n)])
+        with pytest.raises(KeyboardInterrupt): loop.fit(model, epochs=2)
+        save_checkpoint(loop.state_dict(), tmp_path / "mid.pt")
+        loop, model = make()
+        assert without_time(loop.fit(model, epochs=2, resume_from=tmp_path / "mid.pt")) == expected, n
+
 # --- non-finite losses -------------------------------------------------------------------------------------------------
 def nan_at(sample: int):
     x, y = toy(48)

@@ -291,10 +291,11 @@ def _metric_state(metric: Metric) -> dict[str, Any]:
 def _on(value: Any, device: torch.device) -> Any:
     if isinstance(value, torch.Tensor): return value.to(device)
     if isinstance(value, list): return [_on(v, device) for v in value]
+    if isinstance(value, dict): return {k: _on(v, device) for k, v in value.items()}
     return value
 
 def _load_metric_state(metric: Metric, state: dict[str, Any], device: torch.device) -> None:
-    if _has_state(metric): return metric.load_state_dict(state)
+    if _has_state(metric): return metric.load_state_dict(_on(state, device))  # a checkpoint is read onto the CPU
     if "torchmetrics" in state:
         for k, v in state["torchmetrics"].items(): setattr(metric.metric, k, _on(v, device))
         metric.metric._update_count = state["update_count"]
