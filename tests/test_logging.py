@@ -333,3 +333,33 @@ def test_tensorboard_per_step_metrics_match_sklearn_and_cost_no_per_step_sync(tm
     (one, steps1), (three, steps3) = syncs(1), syncs(3)
     # reads happen per phase and per flush, never per step: 3 epochs cost 3 times 1 epoch's reads
     assert steps3 == 3 * steps1 and three == 3 * one and one < steps1
+
+
+class ReadEveryBatch(Callback):
+    "Reads the running loss at every training batch without saying so (reads_metrics_every_batch left False)."
+    def __init__(self): self.values = []
+    def batch_end(self, loop):
+        if loop.phase == "training": self.values.append(loop.last_stats["loss"])
+
+
+def test_csv_logger_has_the_sums_added_each_batch_and_other_readers_get_the_same_values(tmp_path):
+    "A CSV row a batch reads the sums every batch: with CSVLogger the loop adds each batch's values as they come."
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(300, 6, generator=g)
+    y = (x[:, 0] > 0).long()
+    def fit(callbacks):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(6, 2)
+        oracle, reader = RecordLosses(), ReadEveryBatch()
+        loop = TrainingLoop(TrainingEpochs((x, y), batch_size=2, seed=0), None, torch.optim.SGD(model.parameters(), lr=0.1),
+                            callbacks=[*callbacks, oracle, reader], include_default_callbacks=False)
+        loop.fit(model, epochs=1, device="cpu")
+        losses = [oracle.losses[s] for s in sorted(oracle.losses)]
+        assert len(losses) == 150
+        assert reader.values == pytest.approx([sum(losses[:i + 1]) / (i + 1) for i in range(150)], rel=1e-12)
+        return loop, reader.values
+    grouped, grouped_values = fit([])
+    each, each_values = fit([CSVLogger(tmp_path / "log.csv")])
+    assert (grouped.metrics[0].group, each.metrics[0].group) == (128, 1)
+    assert pd.read_csv(tmp_path / "log.csv")["loss"].tolist() == pytest.approx(each_values, rel=1e-12)
+    assert grouped.history[0]["train_loss"] == pytest.approx(each.history[0]["train_loss"], rel=1e-15)

@@ -194,3 +194,24 @@ def test_running_sum_state_mid_group_continues_bitwise(tmp_path):
     # Adding the waiting values when saving groups them otherwise, and float64 sums depend on their order: the
     # bitwise check above would see it (the older state, which had no waiting values, shows the difference).
     assert any(regrouped_differs)
+
+
+def test_running_sums_add_each_batch_where_read_every_batch():
+    "group = 1 (a fit whose callbacks read the sums every batch): one op a batch, nothing kept, the same mean."
+    values = list(torch.rand(300, dtype=torch.float64, generator=torch.Generator().manual_seed(2)).unbind())
+    grouped, each = Loss(), Loss()
+    each.group = 1
+    target = torch.zeros(3)
+    for v in values[:150]: grouped.update(None, target, v); each.update(None, target, v)
+    with DeviceOps() as ops: each.update(None, target, values[150])
+    assert ops.count == 1 and each._values == []
+    grouped.update(None, target, values[150])
+    # a state saved with values waiting (by a fit without such readers) goes on adding each batch
+    switched = Loss()
+    switched.load_state_dict(grouped.state_dict())
+    switched.group = 1
+    for v in values[151:]:
+        for m in (grouped, each, switched): m.update(None, target, v)
+    assert switched._values == [] and grouped.count == each.count == switched.count == 900
+    assert each.compute() == pytest.approx(grouped.compute(), rel=1e-15)
+    assert switched.compute() == pytest.approx(grouped.compute(), rel=1e-15)

@@ -21,7 +21,7 @@ from .core import (DEFAULT_CALLBACKS, CancelBatch, CancelEpoch, CancelException,
                                event_handlers, note_callback_error, to_device)
 from .distributed import (in_distributed_run, join_process_group, leave_process_group, prepare_metrics,
                                       process_device, shard_data, sum_over_ranks)
-from .metrics import Metric, make_metrics
+from .metrics import Metric, _RunningMean, make_metrics
 
 # %% auto #0
 __all__ = ['softmax_cross_entropy', 'sigmoid_cross_entropy', 'mean_squared_error', 'TrainingLoop']
@@ -279,6 +279,16 @@ def _plain(value: Any) -> Any:
 def _is_plain(value: Any) -> bool:
     return value is None or isinstance(value, (bool, int, float, str, torch.Tensor))
 
+def _adding_each_batch(metrics: list[Metric]) -> list[Metric]:
+    "Running sums that add each batch's value as it comes: for a fit whose callbacks read them every batch."
+    for m in metrics:
+        if isinstance(m, _RunningMean): m.group = 1
+    return metrics
+
+def _adding_in_groups(metrics: list[Metric]) -> None:
+    for m in metrics:
+        if isinstance(m, _RunningMean): m.group = _RunningMean.group
+
 def _metric_state(metric: Metric) -> dict[str, Any]:
     "A metric's sums so far (tensors cloned, on their device): its own state_dict(), a torchmetrics state, or its plain attributes."
     if _has_state(metric): return metric.state_dict()
@@ -475,7 +485,7 @@ class TrainingLoop:
     def step_values(self) -> dict[str, torch.Tensor]:
         "The metrics of the last batch alone, as tensors on the device (no wait), computed as `last_stats` is."
         if self.last_step_loss is None: return {}
-        if self._step_metrics is None: self._step_metrics = [copy.deepcopy(m) for m in self.metrics]
+        if self._step_metrics is None: self._step_metrics = _adding_each_batch([copy.deepcopy(m) for m in self.metrics])
         output, target, loss = _detached(self.last_step_output), self.last_step_target, self.last_step_loss.detach()
         for m in self._step_metrics:
             m.reset()
@@ -551,6 +561,8 @@ class TrainingLoop:
         self._set_up_devices(model, device, compile)
         self.callbacks = self._callbacks_for_fit(list(callbacks))
         self._build_handlers()
+        if any(getattr(cb, "reads_metrics_every_batch", False) for cb in self.callbacks): _adding_each_batch(self.metrics)
+        else: _adding_in_groups(self.metrics)
         self.history, self._step_metrics = [], None
         self.epoch_count, self.epoch_index, self.step, self.exception = epochs, 0, 0, None
         # Before the first phase starts, batch_count describes the training data (stale values would mislead).

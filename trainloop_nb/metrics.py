@@ -56,56 +56,73 @@ class _RunningMean(Metric):
     `stack` and `sum` a group, in float64 (int64 for counts of hits). An in-place add a batch would cost a device op
     a batch: microseconds of dispatch on a small model, a kernel launch on a GPU. Groups are counted in batches, never
     cut where the sum is read (a checkpoint keeps the values not yet added), so a resumed run adds the same numbers in
-    the same order as an uninterrupted one."""
-    group = 128
+    the same order as an uninterrupted one. Reading the sum mid-group adds the waiting values afresh (a few device
+    ops); where something reads it every batch, `group = 1` adds each batch's value as it comes instead."""
+    group = 128  # the loop sets 1 for a fit whose callbacks read the running values every batch
     def __init__(self, name: str): self.name = name; self.reset()
-    def reset(self) -> None: self._sum, self.count, self._values, self._weights = None, 0, [], []
+    def reset(self) -> None: self._sum, self.count, self._values, self._weights, self._stacked = None, 0, [], [], None
 
     def _add(self, value: torch.Tensor, count: int, weight: int = 1) -> None:
         "Add `value * weight` to the sum and `count` to the count."
+        self.count += count
+        if self.group == 1: return self._add_now(value, weight)
         self._values.append(value)
         self._weights.append(weight)
-        self.count += count
-        if len(self._values) == self.group: self._sum, self._values, self._weights = self.total, [], []
+        if len(self._values) >= self.group: self.total = self.total  # the group's values added into the sum
+
+    def _add_now(self, value: torch.Tensor, weight: int) -> None:
+        if self._values: self.total = self.total  # values kept before (a state saved by a fit without readers)
+        if self._sum is None:
+            dtype = _sum_dtype(value.device) if value.is_floating_point() else torch.int64
+            self._sum = torch.zeros((), dtype=dtype, device=value.device)
+        self._sum = torch.add(self._sum, value, alpha=weight)  # a new tensor: the sum may be a saved state's
 
     @property
     def total(self) -> torch.Tensor | None:
         "The sum so far, a tensor on the device (None before the first batch); taking it does not wait for the device."
         if not self._values: return self._sum
-        added = _weighted_sum(self._values, self._weights)
+        added = _weighted_sum(self._stack(), self._weights)
         return added if self._sum is None else self._sum + added
 
     @total.setter
     def total(self, value: torch.Tensor | None) -> None:  # a sum that includes every value kept (all ranks' sums)
-        self._sum, self._values, self._weights = value, [], []
+        self._sum, self._values, self._weights, self._stacked = value, [], [], None
+
+    def _stack(self) -> torch.Tensor:
+        "The values not yet added, as one tensor. Kept: a reader every batch (a CSV row a batch) stacks one value onto it."
+        done = 0 if self._stacked is None else len(self._stacked)
+        if done == 0: self._stacked = torch.stack(self._values)
+        elif done < len(self._values): self._stacked = torch.cat([self._stacked, torch.stack(self._values[done:])])
+        return self._stacked  # the same numbers however it was built, so the same sum
 
     def state_dict(self) -> dict[str, Any]:
-        "The sum, the count and the values not yet added (the loop saves it with a run; `_RunningMean.group` apart)."
+        "The sum, the count and the values not yet added (the loop saves it with a run)."
         return {"sum": _cloned(self._sum), "count": self.count, "weights": list(self._weights),
-                "values": torch.stack(self._values).detach().clone() if self._values else None}
+                "values": self._stack().detach().clone() if self._values else None}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if "sum" not in state:  # saved before values were kept: the sum had every value in it
             self.total, self.count = state["total"], state["count"]
             return
         self._sum, self.count, self._weights = state["sum"], state["count"], list(state["weights"])
-        self._values = [] if state["values"] is None else list(state["values"].unbind())
+        self._values, self._stacked = ([], None) if state["values"] is None else (list(state["values"].unbind()), state["values"])
 
     def _mean(self) -> float:
         return self.total.item() / self.count if self.count else math.nan
 
     def _mean_tensor(self) -> torch.Tensor:
         if not self.count: return torch.tensor(math.nan)
-        return self.total.to(_sum_dtype(self.total.device)) / self.count
+        total = self.total
+        return total.to(_sum_dtype(total.device)) / self.count
 
-def _weighted_sum(values: list[torch.Tensor], weights: list[int]) -> torch.Tensor:
-    "Σ value·weight in float64 (int64 for integer values): one stack and sum for each run of equal weights (a batch size)."
-    stacked = torch.stack(values)
-    stacked = stacked.to(_sum_dtype(stacked.device) if stacked.is_floating_point() else torch.int64)
+def _weighted_sum(values: torch.Tensor, weights: list[int]) -> torch.Tensor:
+    "Σ value·weight in float64 (int64 for integer values): a sum for each run of equal weights (a batch size)."
+    dtype = _sum_dtype(values.device) if values.is_floating_point() else torch.int64
+    if values.dtype != dtype: values = values.to(dtype)
     total, start = None, 0
     for end in range(1, len(weights) + 1):
         if end < len(weights) and weights[end] == weights[start]: continue
-        run = stacked[start:end].sum()
+        run = (values if start == 0 and end == len(weights) else values[start:end]).sum()
         if weights[start] != 1: run = run * weights[start]
         total, start = run if total is None else total + run, end
     return total

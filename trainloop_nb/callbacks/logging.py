@@ -23,6 +23,7 @@ __all__ = ['CSVLogger', 'TensorBoardLogger']
 # %% ../../nbs/12_callbacks.logging.ipynb #41c922bb
 class CSVLogger(Callback):
     "Writes one CSV row per batch: epoch, batch, phase, and the running value of each metric in that phase."
+    reads_metrics_every_batch = True
 
     def __init__(self, path: str | os.PathLike = "run/log.csv", append: bool = False):
         self.path, self.append = Path(path), append
