@@ -22,12 +22,19 @@ is the median of the per-repeat ratios to the plain loop of the same repeat. Tar
 within 1.03x of "plain + training metrics" (the same numbers computed), and over TrainingEpochs within
 1.05x of "by hand".
 
+--steps N measures the two targets a second way, steadier on a shared machine: N one-epoch fits of each
+of the four contenders concerned, in turn, with the clock stamped after every batch; the per-epoch cost is
+80 x the median training step + 20 x the median validation step (the first step of each phase left out),
+and the ratio is the median over rounds of the rounds' ratios. A whole fit's time swings with whatever
+else the machine does; the median of a step does not.
+
 fastai and lightning are never requirements of the project: `make benchmark-peers` makes .venv-peers
 with the project, fastai and lightning, and runs this script there. A peer that is not installed is
 reported and left out; the rest still run.
 
     make benchmark-peers PEERS_ARGS="--repeats 5"
     .venv-peers/bin/python benchmarks/peers.py --repeats 5 [--only plain,trainingloop] [--markdown table.md]
+    .venv-peers/bin/python benchmarks/peers.py --steps 30
 """
 import argparse
 import importlib
@@ -41,6 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
+from trainloop_nb.core import Callback
 from trainloop_nb.data import TrainingEpochs, ValidationBatches
 from trainloop_nb.loop import TrainingLoop
 from trainloop_nb.models import MLP
@@ -74,7 +82,7 @@ def dataloaders(t):
 
 
 # -- plain PyTorch -------------------------------------------------------------------------------
-def _plain(t, epochs, training_metrics, batches_of):
+def _plain(t, epochs, training_metrics, batches_of, stamp=None):
     model, device = make_model(), torch.device("cpu")
     optimizer = make_optimizer(model.parameters())
     train, valid = batches_of(t)
@@ -94,6 +102,7 @@ def _plain(t, epochs, training_metrics, batches_of):
                 loss_sum += loss.detach() * len(y)
                 correct += (out.argmax(1) == y).sum()
                 count += len(y)
+            if stamp is not None: stamp("training")
         record = {"train_loss": loss_sum.item() / count, "train_accuracy": correct.item() / count} if count else {}
         model.eval()
         loss_sum, correct, count = torch.zeros((), dtype=torch.float64, device=device), torch.zeros((), dtype=torch.int64, device=device), 0
@@ -104,6 +113,7 @@ def _plain(t, epochs, training_metrics, batches_of):
                 loss_sum += F.cross_entropy(out, y) * len(y)
                 correct += (out.argmax(1) == y).sum()
                 count += len(y)
+                if stamp is not None: stamp("validation")
         history.append({**record, "valid_loss": loss_sum.item() / count, "valid_accuracy": correct.item() / count})
     return history[-1]
 
@@ -126,9 +136,9 @@ def _indexed_batches(t):
     return train, valid
 
 
-def plain(t, epochs): return _plain(t, epochs, False, _loader_batches)
-def plain_metrics(t, epochs): return _plain(t, epochs, True, _loader_batches)
-def by_hand(t, epochs): return _plain(t, epochs, True, _indexed_batches)
+def plain(t, epochs, stamp=None): return _plain(t, epochs, False, _loader_batches, stamp)
+def plain_metrics(t, epochs, stamp=None): return _plain(t, epochs, True, _loader_batches, stamp)
+def by_hand(t, epochs, stamp=None): return _plain(t, epochs, True, _indexed_batches, stamp)
 
 
 # -- TrainingLoop ---------------------------------------------------------------------------------
@@ -138,20 +148,28 @@ def _statistics_callbacks():
     return [statistics_class()] if statistics_class is not None else []
 
 
-def _trainingloop(train, valid, epochs):
+class _Stamp(Callback):
+    "Stamps the clock after each batch, after every other callback (the plain loops stamp at the same point)."
+    order = 10**9
+    def __init__(self, stamp): self.stamp = stamp
+    def batch_end(self, loop): self.stamp(loop.phase.value)
+
+
+def _trainingloop(train, valid, epochs, stamp=None):
     model = make_model()
     loop = TrainingLoop(train, valid, make_optimizer(model.parameters()), metrics=["accuracy"],
-                        callbacks=_statistics_callbacks(), include_default_callbacks=False)
+                        callbacks=_statistics_callbacks() + ([_Stamp(stamp)] if stamp is not None else []),
+                        include_default_callbacks=False)
     loop.fit(model, epochs=epochs, device="cpu")
     return loop.history[-1]
 
 
-def trainingloop_dataloader(t, epochs): return _trainingloop(*dataloaders(t), epochs)
+def trainingloop_dataloader(t, epochs, stamp=None): return _trainingloop(*dataloaders(t), epochs, stamp)
 
 
-def trainingloop_epochs(t, epochs):
+def trainingloop_epochs(t, epochs, stamp=None):
     return _trainingloop(TrainingEpochs((t[0], t[1]), batch_size=BATCH, seed=0),
-                         ValidationBatches((t[2], t[3]), batch_size=BATCH), epochs)
+                         ValidationBatches((t[2], t[3]), batch_size=BATCH), epochs, stamp)
 
 
 # -- fastai ---------------------------------------------------------------------------------------
@@ -251,6 +269,8 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--only", default=",".join(CONTENDERS), help="comma-separated contenders: " + ", ".join(CONTENDERS))
     p.add_argument("--markdown", help="also write the table to this file")
+    p.add_argument("--steps", type=int, default=0, metavar="N",
+                   help="instead: N rounds of one-epoch fits with every batch stamped, for the two targets")
     args = p.parse_args(argv)
     if args.epochs < 2 or args.repeats < 1: p.error("--epochs must be at least 2 and --repeats at least 1")
     names = [n.strip() for n in args.only.split(",") if n.strip()]
@@ -258,6 +278,7 @@ def main(argv=None):
     if unknown: p.error(f"unknown contenders {unknown}; choose from {list(CONTENDERS)}")
     if "plain" not in names: names.insert(0, "plain")  # the reference of every ratio
     torch.set_num_threads(args.threads)
+    if args.steps: return stepwise(args.steps, args.threads, args.markdown)
     names = available(names)
     quiet_peers()
     t = make_tensors()
@@ -306,6 +327,43 @@ def main(argv=None):
     print("\n".join(lines))
     if args.markdown:
         with open(args.markdown, "w") as f: f.write("\n".join(lines) + "\n")
+
+
+def stepwise(rounds, threads, markdown=None):
+    "The targets' ratios from the median step of one-epoch fits taken in turn (see the module's docstring)."
+    t = make_tensors()
+    names = sorted({name for pair in TARGETS for name in pair[:2]}, key=list(CONTENDERS).index)
+    steps = {n: {"training": [], "validation": []} for n in names}
+    rounds_cost = {n: [] for n in names}
+    for name in names: timed(CONTENDERS[name][1], t, 1, threads)  # warm-up
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            stamps = []
+            torch.set_num_threads(threads)
+            CONTENDERS[name][1](t, 1, stamp=lambda phase: stamps.append((phase, time.perf_counter())))
+            medians = {}
+            for phase in ("training", "validation"):
+                times = [b - a for (p, a), (q, b) in zip(stamps, stamps[1:]) if p == q == phase][1:]
+                steps[name][phase] += times
+                medians[phase] = statistics.median(times)
+            rounds_cost[name].append(TRAIN_BATCHES * medians["training"] + VALID_BATCHES * medians["validation"])
+    lines = [f"Median step, MLP 784-128-10, {TRAIN_BATCHES}+{VALID_BATCHES} batches of {BATCH}, {threads} thread"
+             f"{'s' * (threads > 1)}, {rounds} one-epoch fits each, taken in turn (torch {torch.__version__}):", "",
+             "| contender | training step µs | validation step µs | per epoch ms |", "| --- | ---: | ---: | ---: |"]
+    for name in names:
+        train, valid = (statistics.median(steps[name][p]) for p in ("training", "validation"))
+        lines.append(f"| {CONTENDERS[name][0]} | {train * 1e6:.0f} | {valid * 1e6:.0f} | "
+                     f"{(TRAIN_BATCHES * train + VALID_BATCHES * valid) * 1e3:.1f} |")
+    lines.append("")
+    for name, reference, target in TARGETS:
+        ratios = sorted(a / b for a, b in zip(rounds_cost[name], rounds_cost[reference]))
+        value = statistics.median(ratios)
+        lines.append(f"{CONTENDERS[name][0]} / {CONTENDERS[reference][0]}: {value:.3f} (rounds' ratios "
+                     f"{ratios[len(ratios) // 4]:.3f} to {ratios[(3 * len(ratios)) // 4]:.3f}, middle half; "
+                     f"target <= {target}: {'met' if value <= target else 'NOT met'})")
+    print("\n".join(lines))
+    if markdown:
+        with open(markdown, "w") as f: f.write("\n".join(lines) + "\n")
 
 
 def _versions(names):

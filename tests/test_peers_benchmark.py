@@ -63,3 +63,16 @@ def test_the_script_runs_end_to_end_on_the_contenders_without_peers(peers, capsy
 
 def test_unknown_contenders_are_refused(peers):
     with pytest.raises(SystemExit): peers.main(["--only", "plain,nonesuch"])
+
+
+def test_the_stepwise_mode_stamps_every_batch_and_gives_both_targets(peers, capsys, tmp_path):
+    "--steps: the plain loops and TrainingLoop stamp the same points; one round prints both targets' ratios."
+    stamps = {}
+    for name in ("plain_metrics", "trainingloop"):
+        seen = stamps[name] = []
+        peers.CONTENDERS[name][1](peers.make_tensors(), 1, stamp=seen.append)
+    assert stamps["plain_metrics"] == stamps["trainingloop"] == ["training"] * peers.TRAIN_BATCHES + ["validation"] * peers.VALID_BATCHES
+    table = tmp_path / "steps.md"
+    peers.main(["--steps", "1", "--markdown", str(table)])
+    text = table.read_text()
+    assert text.count("target <= ") == 2 and "| TrainingLoop (DataLoader) |" in text and "| by hand (indexing tensors) |" in text
