@@ -2,7 +2,7 @@
 
 Every rank trains the same seeded model on its share of the data; rank 0 saves the weights, history and step
 count to OUT/result.pt; each rank writes OUT/rank<r>.json (what it saw); `--fail-on-rank R` raises in rank R
-at its second step, to check that one failing rank ends the run.
+at its second step, to check that one failing rank ends the run; `--compile` fits with `compile=True`.
 """
 import argparse
 import json
@@ -55,6 +55,7 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("out")
     parser.add_argument("--fail-on-rank", type=int, default=None)
+    parser.add_argument("--compile", action="store_true", help="fit(..., compile=True): the DDP wrapper around the compiled model")
     args = parser.parse_args()
     out = Path(args.out)
     x, y = data()
@@ -66,7 +67,7 @@ def main():
                         ValidationBatches((x[TRAIN:], y[TRAIN:]), VALID_BATCH),
                         torch.optim.SGD(net.parameters(), lr=0.2, momentum=0.9), metrics=["accuracy", "mcc"],
                         callbacks=callbacks, include_default_callbacks=False)
-    loop.fit(net, EPOCHS, device="cpu", accumulate_steps=ACCUMULATE)
+    loop.fit(net, EPOCHS, device="cpu", accumulate_steps=ACCUMULATE, compile=args.compile)
     seen = {"rank": loop.rank, "world_size": loop.world_size, "step": loop.step, "syncs": counter.syncs,
             "group_alive": dist.is_initialized(), "history": loop.history}
     (out / f"rank{loop.rank}.json").write_text(json.dumps(seen))

@@ -1,7 +1,7 @@
 """The same script under `torchrun --nproc_per_node=2` (gloo, CPU): what one process with the doubled batch does.
 
-Two launches in all (each costs seconds of process start-up): one fit with gradient accumulation, one with a
-failing rank. The script is tests/distributed_fit.py.
+Three launches in all (each costs seconds of process start-up): one fit with gradient accumulation, the same
+fit with compile=True, one with a failing rank. The script is tests/distributed_fit.py.
 """
 import json
 import os
@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 import distributed_fit as script
+from toy_runs import cxx_compiler
 from trainloop_nb.data import TrainingEpochs, ValidationBatches
 from trainloop_nb.loop import TrainingLoop
 
@@ -106,3 +107,22 @@ def test_an_error_in_one_rank_ends_every_rank_and_is_shown(tmp_path):
     assert run.returncode != 0
     assert "rank 1 fails on purpose" in run.stdout + run.stderr
     assert not (tmp_path / "result.pt").exists()
+
+
+def test_compile_under_torchrun_trains_as_without_it(two_ranks, tmp_path):
+    "fit(compile=True) in two processes: DDP wraps the compiled model; the same steps, gradient syncs and weights."
+    if cxx_compiler() is None:
+        print("skipping: torch.compile's CPU backend needs a C++ compiler and none is installed")
+        pytest.skip("no C++ compiler for torch.compile on the CPU")
+    run = torchrun(tmp_path, "--compile", timeout=480)
+    assert run.returncode == 0, run.stdout + run.stderr
+    plain_out, _ = two_ranks
+    plain, compiled = torch.load(plain_out / "result.pt"), torch.load(tmp_path / "result.pt")
+    for name, weight in plain["state"].items():
+        torch.testing.assert_close(compiled["state"][name], weight, rtol=1e-5, atol=1e-6)
+    for rank in range(WORLD):
+        seen, expected = (json.loads((out / f"rank{rank}.json").read_text()) for out in (tmp_path, plain_out))
+        assert (seen["step"], seen["syncs"]) == (expected["step"], expected["syncs"]) == (10, 10)  # no_sync() holds
+        for ours, theirs in zip(seen["history"], expected["history"]):
+            assert {k: pytest.approx(v, rel=1e-5, abs=1e-6) for k, v in ours.items() if k != "time"} == \
+                   {k: v for k, v in theirs.items() if k != "time"}

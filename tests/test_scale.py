@@ -1,6 +1,5 @@
 """fit(precision=, accumulate_steps=, compile=) in one process: each against what plain PyTorch or a bigger batch gives."""
 import math
-import shutil
 
 import pytest
 import torch
@@ -11,7 +10,7 @@ from trainloop_nb.data import TrainingEpochs, ValidationBatches
 from trainloop_nb.loop import TrainingLoop
 from trainloop_nb.metrics import make_metrics
 
-from toy_runs import toy_data
+from toy_runs import cxx_compiler, toy_data
 
 FEATURES, CLASSES = 5, 3
 
@@ -193,8 +192,7 @@ def test_accumulation_and_mixed_precision_together():
 
 
 # --- compile -----------------------------------------------------------------------------------------
-def _compiler() -> str | None:
-    return next((c for c in ("g++", "c++", "clang++", "gcc", "cc") if shutil.which(c)), None)
+_compiler = cxx_compiler
 
 
 def test_compile_trains_the_original_model_object():

@@ -5,6 +5,7 @@ cannot both be imported by that name."""
 from __future__ import annotations
 
 import os
+import shutil
 
 import torch
 
@@ -54,3 +55,8 @@ def display_modules_loaded_by(statement: str) -> list[str]:
     run = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
     return eval(run.stdout)  # a printed list of module names
+
+
+def cxx_compiler() -> str | None:
+    "A C++ compiler torch.compile's CPU backend can use, or None."
+    return next((c for c in ("g++", "c++", "clang++", "gcc", "cc") if shutil.which(c)), None)
