@@ -618,20 +618,31 @@ class TrainingLoop:
 
     # The per-batch path: plain PyTorch, read top to bottom; no host synchronisation anywhere in it.
     def _training_batch(self, batch: Any) -> None:
+        "`_with_events(batch_start, step, batch_end, CancelBatch, finish=count)` written out: the loop's hottest lines."
         self.last_step_input, self.last_step_target = self._on_device(batch)
         self.last_step_output = self.last_step_loss = None
-        self._signals.holding = True  # Ctrl-C or SIGTERM waits until this batch is complete: no step is half applied
-        try: self._with_events(_BATCH_START, self._training_step, _BATCH_END, CancelBatch,
-                               finish=self._count_training_batch)
-        finally: self._signals.release()  # and raises one that came meanwhile
+        handlers, signals = self._handlers, self._signals
+        signals.holding = True  # Ctrl-C or SIGTERM waits until this batch is complete: no step is half applied
+        try:
+            try:
+                if handlers[_BATCH_START]: self._fire(_BATCH_START)  # an event nobody handles costs a list's truth
+                self._training_step()
+            except CancelBatch: pass
+            self._count_training_batch()
+            if handlers[_BATCH_END]:
+                try: self._fire(_BATCH_END)
+                except CancelBatch: pass
+        finally: signals.release()  # and raises one that came meanwhile
 
     def _training_step(self) -> None:
         if not self._plain_step: return self._mixed_or_accumulated_step()  # precision or accumulate_steps given
         self.optimizer.zero_grad(set_to_none=True)
         self.last_step_output = self._training_model(self.last_step_input)  # under torchrun, the DDP-wrapped model
-        self.last_step_loss = _check_loss(self.loss_func(self.last_step_output, self.last_step_target))
-        self.last_step_loss.backward()
-        self._fire(_UPDATE_START)
+        loss = self.loss_func(self.last_step_output, self.last_step_target)
+        if type(loss) is not torch.Tensor or loss.dim(): _check_loss(loss)  # raises: a scalar tensor is what it wants
+        self.last_step_loss = loss
+        loss.backward()
+        if self._handlers[_UPDATE_START]: self._fire(_UPDATE_START)
         self.optimizer.step()
         self.step += 1
 
@@ -678,7 +689,7 @@ class TrainingLoop:
 
     def _on_device(self, batch: Any) -> tuple[Any, Any]:
         "The batch as (input, target) on the loop's device; a tensor already there is taken as it is, with no call into torch."
-        input, target = _split_batch(batch)
+        input, target = batch if type(batch) is tuple and len(batch) == 2 else _split_batch(batch)
         device = self.device
         if type(input) is not torch.Tensor or input.device != device: input = to_device(input, device)
         if type(target) is not torch.Tensor or target.device != device: target = to_device(target, device)
