@@ -207,11 +207,22 @@ def test_running_sums_add_each_batch_where_read_every_batch():
     assert ops.count == 1 and each._values == []
     grouped.update(None, target, values[150])
     # a state saved with values waiting (by a fit without such readers) goes on adding each batch
-    switched = Loss()
-    switched.load_state_dict(grouped.state_dict())
+    switched, state = Loss(), grouped.state_dict()
+    switched.load_state_dict(state)
     switched.group = 1
+    saved = {k: v.clone() for k, v in state.items() if isinstance(v, torch.Tensor)}
     for v in values[151:]:
         for m in (grouped, each, switched): m.update(None, target, v)
     assert switched._values == [] and grouped.count == each.count == switched.count == 900
+    assert all(torch.equal(state[k], v) for k, v in saved.items())  # the sums are added to in place, not the state's
+    at_group_end = Loss()
+    for v in values[:Loss.group]: at_group_end.update(None, target, v)
+    state = at_group_end.state_dict()
+    assert state["values"] is None
+    saved = state["sum"].clone()
+    at_group_end.load_state_dict(state)
+    at_group_end.group = 1
+    at_group_end.update(None, target, values[0])
+    assert torch.equal(state["sum"], saved)
     assert each.compute() == pytest.approx(grouped.compute(), rel=1e-15)
     assert switched.compute() == pytest.approx(grouped.compute(), rel=1e-15)

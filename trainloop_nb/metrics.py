@@ -75,7 +75,8 @@ class _RunningMean(Metric):
         if self._sum is None:
             dtype = _sum_dtype(value.device) if value.is_floating_point() else torch.int64
             self._sum = torch.zeros((), dtype=dtype, device=value.device)
-        self._sum = torch.add(self._sum, value, alpha=weight)  # a new tensor: the sum may be a saved state's
+        if weight == 1: self._sum.add_(value)  # in place: the sum is always this metric's own tensor
+        else: self._sum.add_(value, alpha=weight)
 
     @property
     def total(self) -> torch.Tensor | None:
@@ -102,17 +103,17 @@ class _RunningMean(Metric):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if "sum" not in state:  # saved before values were kept: the sum had every value in it
-            self.total, self.count = state["total"], state["count"]
+            self.total, self.count = _cloned(state["total"]), state["count"]
             return
-        self._sum, self.count, self._weights = state["sum"], state["count"], list(state["weights"])
+        self._sum, self.count, self._weights = _cloned(state["sum"]), state["count"], list(state["weights"])
         self._values, self._stacked = ([], None) if state["values"] is None else (list(state["values"].unbind()), state["values"])
 
     def _mean(self) -> float:
-        return self.total.item() / self.count if self.count else math.nan
+        return (self.total if self._values else self._sum).item() / self.count if self.count else math.nan
 
     def _mean_tensor(self) -> torch.Tensor:
         if not self.count: return torch.tensor(math.nan)
-        total = self.total
+        total = self.total if self._values else self._sum
         return total.to(_sum_dtype(total.device)) / self.count
 
 def _weighted_sum(values: torch.Tensor, weights: list[int]) -> torch.Tensor:
