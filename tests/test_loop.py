@@ -299,6 +299,22 @@ def test_disabling_a_callback_rebuilds_dispatch():
     assert seen == [1, 2] and not loop.is_enabled(cb)
 
 
+def test_a_callback_switched_on_at_batch_start_sees_that_batch_end():
+    "The dispatch table is read at each event: set_enabled counts from the next event, the same batch's included."
+    seen = []
+    class Late(Callback):
+        def batch_end(self, loop): seen.append((loop.phase.value, loop.step))
+        def update_start(self, loop): seen.append(("update", loop.step))
+    late = Late()
+    class SwitchOn(Callback):
+        def batch_start(self, loop):
+            if loop.phase == "training" and loop.batch_index == 1: loop.set_enabled(late, True)
+    loop, model = make_loop([SwitchOn(), late], validation=False)
+    loop.set_enabled(late, False)
+    loop.fit(model, epochs=1)
+    assert seen[:3] == [("update", 1), ("training", 2), ("update", 2)]  # from batch 2 on: its update_start and batch_end
+
+
 # --- exact metrics through the loop, against scikit-learn --------------------------------------------
 def test_loop_metrics_equal_sklearn_over_the_phase():
     from sklearn.metrics import accuracy_score, matthews_corrcoef, top_k_accuracy_score

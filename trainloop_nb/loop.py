@@ -621,15 +621,17 @@ class TrainingLoop:
         "`_with_events(batch_start, step, batch_end, CancelBatch, finish=count)` written out: the loop's hottest lines."
         self.last_step_input, self.last_step_target = self._on_device(batch)
         self.last_step_output = self.last_step_loss = None
-        handlers, signals = self._handlers, self._signals
+        signals = self._signals
         signals.holding = True  # Ctrl-C or SIGTERM waits until this batch is complete: no step is half applied
         try:
             try:
-                if handlers[_BATCH_START]: self._fire(_BATCH_START)  # an event nobody handles costs a list's truth
+                # An event nobody handles costs a list's truth. The table is read each time: a handler may switch
+                # callbacks on or off (set_enabled), and that counts from the next event on, this batch's included.
+                if self._handlers[_BATCH_START]: self._fire(_BATCH_START)
                 self._training_step()
             except CancelBatch: pass
             self._count_training_batch()
-            if handlers[_BATCH_END]:
+            if self._handlers[_BATCH_END]:
                 try: self._fire(_BATCH_END)
                 except CancelBatch: pass
         finally: signals.release()  # and raises one that came meanwhile
