@@ -279,15 +279,11 @@ def _plain(value: Any) -> Any:
 def _is_plain(value: Any) -> bool:
     return value is None or isinstance(value, (bool, int, float, str, torch.Tensor))
 
-def _adding_each_batch(metrics: list[Metric]) -> list[Metric]:
-    "Running sums that add each batch's value as it comes: for a fit whose callbacks read them every batch."
+def _adding_each_batch(metrics: list[Metric], each_batch: bool = True) -> list[Metric]:
+    "Running sums that add each batch's value as it comes (for readers every batch), or `_RunningMean.group` at a time."
     for m in metrics:
-        if isinstance(m, _RunningMean): m.group = 1
+        if isinstance(m, _RunningMean): m.group = 1 if each_batch else _RunningMean.group
     return metrics
-
-def _adding_in_groups(metrics: list[Metric]) -> None:
-    for m in metrics:
-        if isinstance(m, _RunningMean): m.group = _RunningMean.group
 
 def _metric_state(metric: Metric) -> dict[str, Any]:
     "A metric's sums so far (tensors cloned, on their device): its own state_dict(), a torchmetrics state, or its plain attributes."
@@ -532,6 +528,7 @@ class TrainingLoop:
         self._handlers = event_handlers(cb for cb in self.callbacks if id(cb) not in self._disabled)
 
     def _fire(self, event: Event) -> None:
+        # The table is read at each event: set_enabled counts from the next event on, the same batch's included.
         for callback, fn in self._handlers[event]:
             try: fn(self)
             except CancelException: raise
@@ -543,11 +540,11 @@ class TrainingLoop:
                      finish: Callable[[], None] = _nothing) -> None:
         "One level of the loop: `start`, `body`, the loop's own `finish`, `end`. This level's `cancel` skips to `finish`."
         try:
-            self._fire(start)
+            if self._handlers[start]: self._fire(start)  # an event nobody handles costs a list's truth, not a call
             body()
         except cancel: pass
         finish()
-        if end is None: return
+        if end is None or not self._handlers[end]: return
         try: self._fire(end)
         except cancel: pass
 
@@ -561,8 +558,7 @@ class TrainingLoop:
         self._set_up_devices(model, device, compile)
         self.callbacks = self._callbacks_for_fit(list(callbacks))
         self._build_handlers()
-        if any(getattr(cb, "reads_metrics_every_batch", False) for cb in self.callbacks): _adding_each_batch(self.metrics)
-        else: _adding_in_groups(self.metrics)
+        _adding_each_batch(self.metrics, any(getattr(cb, "reads_metrics_every_batch", False) for cb in self.callbacks))
         self.history, self._step_metrics = [], None
         self.epoch_count, self.epoch_index, self.step, self.exception = epochs, 0, 0, None
         # Before the first phase starts, batch_count describes the training data (stale values would mislead).
@@ -618,33 +614,20 @@ class TrainingLoop:
 
     # The per-batch path: plain PyTorch, read top to bottom; no host synchronisation anywhere in it.
     def _training_batch(self, batch: Any) -> None:
-        "`_with_events(batch_start, step, batch_end, CancelBatch, finish=count)` written out: the loop's hottest lines."
         self.last_step_input, self.last_step_target = self._on_device(batch)
         self.last_step_output = self.last_step_loss = None
-        signals = self._signals
-        signals.holding = True  # Ctrl-C or SIGTERM waits until this batch is complete: no step is half applied
-        try:
-            try:
-                # An event nobody handles costs a list's truth. The table is read each time: a handler may switch
-                # callbacks on or off (set_enabled), and that counts from the next event on, this batch's included.
-                if self._handlers[_BATCH_START]: self._fire(_BATCH_START)
-                self._training_step()
-            except CancelBatch: pass
-            self._count_training_batch()
-            if self._handlers[_BATCH_END]:
-                try: self._fire(_BATCH_END)
-                except CancelBatch: pass
-        finally: signals.release()  # and raises one that came meanwhile
+        self._signals.holding = True  # Ctrl-C or SIGTERM waits until this batch is complete: no step is half applied
+        try: self._with_events(_BATCH_START, self._training_step, _BATCH_END, CancelBatch,
+                               finish=self._count_training_batch)
+        finally: self._signals.release()  # and raises one that came meanwhile
 
     def _training_step(self) -> None:
         if not self._plain_step: return self._mixed_or_accumulated_step()  # precision or accumulate_steps given
         self.optimizer.zero_grad(set_to_none=True)
         self.last_step_output = self._training_model(self.last_step_input)  # under torchrun, the DDP-wrapped model
-        loss = self.loss_func(self.last_step_output, self.last_step_target)
-        if type(loss) is not torch.Tensor or loss.dim(): _check_loss(loss)  # raises: a scalar tensor is what it wants
-        self.last_step_loss = loss
-        loss.backward()
-        if self._handlers[_UPDATE_START]: self._fire(_UPDATE_START)
+        self.last_step_loss = _check_loss(self.loss_func(self.last_step_output, self.last_step_target))
+        self.last_step_loss.backward()
+        self._fire(_UPDATE_START)
         self.optimizer.step()
         self.step += 1
 
@@ -691,7 +674,7 @@ class TrainingLoop:
 
     def _on_device(self, batch: Any) -> tuple[Any, Any]:
         "The batch as (input, target) on the loop's device; a tensor already there is taken as it is, with no call into torch."
-        input, target = batch if type(batch) is tuple and len(batch) == 2 else _split_batch(batch)
+        input, target = _split_batch(batch)
         device = self.device
         if type(input) is not torch.Tensor or input.device != device: input = to_device(input, device)
         if type(target) is not torch.Tensor or target.device != device: target = to_device(target, device)
