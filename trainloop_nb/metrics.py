@@ -109,11 +109,11 @@ class _RunningMean(Metric):
         self._values, self._stacked = ([], None) if state["values"] is None else (list(state["values"].unbind()), state["values"])
 
     def _mean(self) -> float:
-        return (self.total if self._values else self._sum).item() / self.count if self.count else math.nan
+        return self.total.item() / self.count if self.count else math.nan
 
     def _mean_tensor(self) -> torch.Tensor:
         if not self.count: return torch.tensor(math.nan)
-        total = self.total if self._values else self._sum
+        total = self.total
         return total.to(_sum_dtype(total.device)) / self.count
 
 def _weighted_sum(values: torch.Tensor, weights: list[int]) -> torch.Tensor:
