@@ -168,8 +168,8 @@ def test_batches_that_draw_nothing_keep_no_generator_state_per_batch(monkeypatch
     import trainloop_nb.loop as loop_module
     taken = []
     real = loop_module._torch_rng_state
-    def counted(device, clone=False):  # the snapshots the per-batch path keeps are clones
-        if clone: taken.append(1)
+    def counted(device, clone=False):  # every state taken: the phase's start, each look, each batch kept
+        taken.append(1)
         return real(device, clone)
     monkeypatch.setattr(loop_module, "_torch_rng_state", counted)
     def snapshots(start):
@@ -177,11 +177,12 @@ def test_batches_that_draw_nothing_keep_no_generator_state_per_batch(monkeypatch
         loop, model = late_dropout_run(start=start)
         loop.fit(model, epochs=1)
         return len(taken)
-    # One at the phase's start, one after its first batch, then one every 16 batches until the first draw (of 100 batches)
-    assert snapshots(start=1000) == 2 + 99 // 16
-    assert snapshots(start=0) == 101  # drawing from the first batch: one every batch
+    # One for the phase's start state (what a resume of the phase puts back), one as its batches start, one after its
+    # first batch, then one every 16 batches until the first draw (of 100 batches)
+    assert snapshots(start=1000) == 1 + 2 + 99 // 16
+    assert snapshots(start=0) == 1 + 101  # drawing from the first batch: one every batch
     # Drawing from batch 40: looks after batches 0, 16 and 32 see nothing, the one after batch 48 sees it; then every batch
-    assert snapshots(start=40) == 1 + 1 + 3 + (99 - 48)
+    assert snapshots(start=40) == 1 + 1 + 1 + 3 + (99 - 48)
 
 
 @pytest.mark.parametrize("event, n", [(Event.update_start, 30), (Event.batch_end, 57), (Event.update_start, 75)])

@@ -29,7 +29,7 @@ __all__ = ['softmax_cross_entropy', 'sigmoid_cross_entropy', 'mean_squared_error
 # %% ../nbs/03_loop.ipynb #dd7764c2
 def softmax_cross_entropy(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     "Mean cross-entropy of class logits `[N, C]` (or `[N, T, C]`) against class indices `[N]` (or `[N, T]`)."
-    _check_output(output, "softmax_cross_entropy")
+    if not isinstance(output, torch.Tensor): raise _not_a_tensor(output, "softmax_cross_entropy")
     if output.dim() > 2: output, target = output.reshape(-1, output.shape[-1]), target.reshape(-1)
     return F.cross_entropy(output, target)
 
@@ -41,15 +41,14 @@ def mean_squared_error(output: torch.Tensor, target: torch.Tensor) -> torch.Tens
     "Mean squared difference between output and a target of the output's shape (a trailing 1 may differ)."
     return F.mse_loss(output, _matching_target(output, target, "mean_squared_error"))
 
-def _check_output(output: Any, name: str) -> None:
-    if isinstance(output, torch.Tensor): return
-    raise TypeError(f"{name} takes the model's output as a tensor, but the model returned a {type(output).__name__}; "
+def _not_a_tensor(output: Any, name: str) -> TypeError:
+    return TypeError(f"{name} takes the model's output as a tensor, but the model returned a {type(output).__name__}; "
                     "make the model return one tensor (e.g. the logits), or give TrainingLoop a loss_func (and "
                     f"metrics) that take a {type(output).__name__}")
 
 def _matching_target(output: torch.Tensor, target: torch.Tensor, name: str) -> torch.Tensor:
     "The target as the output's shape and dtype; only a trailing dimension of 1 may differ (`[N]` against `[N, 1]`)."
-    _check_output(output, name)
+    if not isinstance(output, torch.Tensor): raise _not_a_tensor(output, name)
     shape, wanted = tuple(target.shape), tuple(output.shape)
     # Broadcasting would silently pair every output with every target ([N, 1] against [N] gives [N, N]),
     # and a reshape would silently pair the wrong ones ([N, 2] against a transposed [2, N]): refuse both.
@@ -68,6 +67,7 @@ _PHASE_EVENTS = {  # phase -> (start event, end event, its cancel, history prefi
 # The per-batch events, looked up once: reading a member off an Enum class costs about 0.2 µs on Python 3.11.
 _BATCH_START, _BATCH_END, _UPDATE_START, _PREDICTION_END = (
     Event.batch_start, Event.batch_end, Event.update_start, Event.inference_prediction_end)
+_TRAINING = Phase.training
 
 def _nothing() -> None: pass
 
@@ -78,9 +78,8 @@ def _length(data: Iterable) -> int | None:
 def _detached(output: Any) -> Any:
     return output.detach() if isinstance(output, torch.Tensor) else output  # models may return tuples or dicts
 
-def _split_batch(batch: Any) -> tuple[Any, Any]:
-    if isinstance(batch, (tuple, list)) and len(batch) == 2: return batch[0], batch[1]
-    raise TypeError(f"each batch must be a pair (input, target), but got {_describe(batch)}; "
+def _not_a_pair(batch: Any) -> TypeError:
+    return TypeError(f"each batch must be a pair (input, target), but got {_describe(batch)}; "
                     "make the dataset return (input, target) or wrap it so that it does")
 
 def _describe(batch: Any) -> str:
@@ -189,7 +188,11 @@ def _rng_tensors(state: dict[str, Any]) -> dict[str, torch.Tensor]:
     return {k: v.get_state() if isinstance(v, torch.Generator) else v for k, v in state.items()}
 
 def _same_rng(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    return a.keys() == b.keys() and all(torch.equal(_words(a[k]), _words(b[k])) for k in a)
+
+def _words(state: torch.Tensor) -> torch.Tensor:
+    "A generator's state (bytes) as 8-byte words where its size allows: `torch.equal` then compares an eighth as many items."
+    return state.view(torch.int64) if state.numel() % 8 == 0 else state
 
 class _BatchStartRng:
     """The torch generators' state at the start of the training batch under way: a run stopped inside a batch resumes
@@ -204,7 +207,7 @@ class _BatchStartRng:
     def start(self, device: torch.device | None) -> None:
         "As the phase's batches start (after `iter(data)`, and after a resumed run's generators are put back)."
         self.device, self.drawing, self.since_check = device, None, 0
-        self.kept = _torch_rng_state(device, clone=True)
+        self.kept = _torch_rng_state(device)
 
     def batch_end(self) -> None:
         "As a training batch ends (before its `batch_end` callbacks): device-free, a few attribute reads unless drawing."
@@ -213,8 +216,8 @@ class _BatchStartRng:
             return
         self.since_check += 1
         if self.drawing is None or self.since_check == self.check_every:
-            now = _torch_rng_state(self.device, clone=True)
-            self.drawing = not _same_rng(_rng_tensors(now), _rng_tensors(self.kept))
+            now = _torch_rng_state(self.device)  # a look: the states as tensors (kept as they are until drawing is seen)
+            self.drawing = not _same_rng(now, self.kept)
             self.kept, self.since_check = now, 0
 
     def for_resume(self, inside_batch: bool) -> tuple[dict[str, torch.Tensor] | None, bool]:
@@ -223,7 +226,7 @@ class _BatchStartRng:
         if self.drawing is not False: return _rng_tensors(self.kept), True  # kept every batch, or the phase's start state
         now = _torch_rng_state(self.device)
         # Nothing drawn since the last look: the state now is the batch's start state. Between batches it is right anyway.
-        return now, not inside_batch or _same_rng(now, _rng_tensors(self.kept))
+        return now, not inside_batch or _same_rng(now, self.kept)
 
 _NOT_REPLAYED_NOTE = (f"the batches had started drawing random numbers in the last {_BatchStartRng.check_every} batches, "
                       "unseen: a resume replays the interrupted batch with other draws, so its weights will differ "
@@ -617,8 +620,7 @@ class TrainingLoop:
         self.last_step_input, self.last_step_target = self._on_device(batch)
         self.last_step_output = self.last_step_loss = None
         self._signals.holding = True  # Ctrl-C or SIGTERM waits until this batch is complete: no step is half applied
-        try: self._with_events(_BATCH_START, self._training_step, _BATCH_END, CancelBatch,
-                               finish=self._count_training_batch)
+        try: self._with_events(_BATCH_START, self._training_step, _BATCH_END, CancelBatch, finish=self._count_batch)
         finally: self._signals.release()  # and raises one that came meanwhile
 
     def _training_step(self) -> None:
@@ -664,33 +666,31 @@ class TrainingLoop:
         self._fire(_PREDICTION_END)
         with self._autocast: self.last_step_loss = _check_loss(self.loss_func(self.last_step_output, self.last_step_target))
 
-    def _count_training_batch(self) -> None:
-        loss = self._count_batch()
-        # Every training loss watched, whatever path made it (plain, mixed precision, an accumulation group): device only.
-        if loss is not None and self.stop_on_nonfinite: self._nonfinite.update(loss, self.batch_index, self.step)
-        # The torch generators as this batch ends, kept while the batches draw random numbers (no device wait): a run
-        # stopped inside the next batch, after its dropout drew numbers, resumes by replaying it with the same draws.
-        self._rng.batch_end()
-
     def _on_device(self, batch: Any) -> tuple[Any, Any]:
         "The batch as (input, target) on the loop's device; a tensor already there is taken as it is, with no call into torch."
-        input, target = _split_batch(batch)
+        if not isinstance(batch, (tuple, list)) or len(batch) != 2: raise _not_a_pair(batch)
+        input, target = batch
         device = self.device
         if type(input) is not torch.Tensor or input.device != device: input = to_device(input, device)
         if type(target) is not torch.Tensor or target.device != device: target = to_device(target, device)
         return input, target
 
-    def _count_batch(self) -> torch.Tensor | None:
-        "Add the batch to the phase's metrics (device work only) and return its detached loss; a batch cancelled before its loss is not counted."
+    def _count_batch(self) -> None:
+        "Add the batch to the phase's metrics (device work only; a batch cancelled before its loss is not counted); in training, watch its loss and look at the generators."
         self._batches_done = self.batch_index + 1  # where a resume continues from
-        if self.last_step_loss is None: return None
-        output, target, loss = _detached(self.last_step_output), self.last_step_target, self.last_step_loss.detach()
-        try:
-            for metric in self.metrics: metric.update(output, target, loss)
-        except Exception as error:
-            if not isinstance(output, torch.Tensor): add_note(error, _non_tensor_output_note(output, metric))
-            raise
-        return loss
+        training = self.phase is _TRAINING
+        if self.last_step_loss is not None:
+            output, target, loss = _detached(self.last_step_output), self.last_step_target, self.last_step_loss.detach()
+            try:
+                for metric in self.metrics: metric.update(output, target, loss)
+            except Exception as error:
+                if not isinstance(output, torch.Tensor): add_note(error, _non_tensor_output_note(output, metric))
+                raise
+            # Every training loss watched, whatever path made it (plain, mixed precision, an accumulation group): device only.
+            if training and self.stop_on_nonfinite: self._nonfinite.update(loss, self.batch_index, self.step)
+        # The torch generators as a training batch ends, kept while the batches draw random numbers (no device wait): a
+        # run stopped inside the next batch, after its dropout drew numbers, resumes by replaying it with the same draws.
+        if training: self._rng.batch_end()
 
     # -- precision, accumulation, compile, distributed: the per-batch pieces, then set-up and tear-down per fit --
     def _group_position(self) -> tuple[bool, bool]:

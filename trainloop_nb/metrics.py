@@ -5,6 +5,7 @@
 # %% ../nbs/02_metrics.ipynb #3f320c0e
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Any, Iterable
 
@@ -34,7 +35,8 @@ def _sum_dtype(device: torch.device) -> torch.dtype:
 # %% ../nbs/02_metrics.ipynb #f876a276
 def is_binary(output: torch.Tensor) -> bool:
     "True for binary-logit outputs, shaped `[N]` or `[N, 1]`."
-    return output.dim() == 1 or (output.dim() == 2 and output.shape[-1] == 1)
+    dim = output.dim()
+    return dim == 1 or (dim == 2 and output.shape[-1] == 1)
 
 def predictions(output: torch.Tensor) -> torch.Tensor:
     "Predicted classes: `logit >= 0` for binary outputs, else the argmax over the last dimension."
@@ -121,11 +123,11 @@ def _weighted_sum(values: torch.Tensor, weights: list[int]) -> torch.Tensor:
     dtype = _sum_dtype(values.device) if values.is_floating_point() else torch.int64
     if values.dtype != dtype: values = values.to(dtype)
     total, start = None, 0
-    for end in range(1, len(weights) + 1):
-        if end < len(weights) and weights[end] == weights[start]: continue
-        run = (values if start == 0 and end == len(weights) else values[start:end]).sum()
-        if weights[start] != 1: run = run * weights[start]
-        total, start = run if total is None else total + run, end
+    for weight, run in itertools.groupby(weights):  # runs found in C: a group of one batch size is one run
+        end = start + len(list(run))
+        part = (values if start == 0 and end == len(weights) else values[start:end]).sum()
+        if weight != 1: part = part * weight
+        total, start = part if total is None else total + part, end
     return total
 
 def _cloned(value: Any) -> Any:
@@ -136,7 +138,7 @@ class Loss(_RunningMean):
     def __init__(self, name: str = "loss"): super().__init__(name)
 
     def update(self, output, target, loss) -> None:
-        n = len(target) if isinstance(target, torch.Tensor) and target.dim() else 1
+        n = target.shape[0] if isinstance(target, torch.Tensor) and target.dim() else 1  # not len(): a Python call in torch
         self._add(loss, n, weight=n)
 
     def compute(self) -> float: return self._mean()
