@@ -89,10 +89,11 @@ class Stamp(Callback):
     def batch_end(self, loop): self.stamps.append(time.perf_counter())
 
 
-def loop_fit(model, data, epochs, extra=(), stamps=None):
+def loop_fit(model, data, epochs, extra=(), stamps=None, printer=True, **options):
+    "TrainingLoop with the progress printer (unless `printer=False`: no default callback), `extra` callbacks and `options`."
     optimizer = torch.optim.SGD(model.parameters(), lr=LR)
-    callbacks = [ProgressPrinter(mode="terminal")] + [make() for make in extra] + [Stamp([] if stamps is None else stamps)]
-    loop = TrainingLoop(data, None, optimizer, metrics=["accuracy"], callbacks=callbacks)
+    callbacks = ([ProgressPrinter(mode="terminal")] if printer else []) + [make() for make in extra] + [Stamp([] if stamps is None else stamps)]
+    loop = TrainingLoop(data, None, optimizer, metrics=["accuracy"], callbacks=callbacks, include_default_callbacks=printer, **options)
     loop.fit(model, epochs=epochs, device="cpu")
 
 
