@@ -26,7 +26,8 @@ estimate that holds where the extra work is like the hand loop's: dispatch and P
 
     .venv/bin/python benchmarks/instructions.py [--steps 500] [--every-callback] [--peers]
 
-Needs valgrind (`apt-get install valgrind`); about 5 minutes a job, a third of it torch's import under valgrind.
+Needs valgrind (`apt-get install valgrind`). On the 2-core development machine the step job takes about 7
+minutes (2 of them torch's import under valgrind), --peers about 45 (an MLP's matrix products, simulated).
 """
 import argparse
 import contextlib
