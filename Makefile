@@ -9,7 +9,7 @@ REQS := $(shell sha1sum settings.ini setup.py | sha1sum | cut -c1-12)
 INSTALLED := $(VENV)/.installed-$(REQS)
 DEV_INSTALLED := $(VENV)/.installed-dev-$(REQS)
 
-.PHONY: demo test check-sync readme docs benchmark benchmark-peers clean-venv browser-deps
+.PHONY: demo test check-sync readme docs benchmark benchmark-instructions benchmark-peers clean-venv browser-deps
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -59,6 +59,15 @@ docs: $(DEV_INSTALLED)
 
 benchmark: $(INSTALLED)
 	$(BIN)/python benchmarks/overhead.py
+
+# The per-step comparison (or, with INSTRUCTIONS_ARGS=--peers, the peers' two targets) counted in instructions
+# under valgrind's callgrind: figures a shared machine's load cannot blur.
+INSTRUCTIONS_ARGS ?=
+benchmark-instructions: $(INSTALLED)
+	@command -v valgrind >/dev/null || { \
+	  SUDO=$$( [ "$$(id -u)" -eq 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -q && $$SUDO apt-get install -y -q valgrind; }
+	$(BIN)/python benchmarks/instructions.py $(INSTRUCTIONS_ARGS)
 
 # TrainingLoop against plain PyTorch loops, fastai's Learner and Lightning's Trainer on one job.
 # The peers live in their own venv: they are never requirements of the project. Each is installed
