@@ -50,9 +50,6 @@ import step_cost  # noqa: E402
 from trainloop_nb.data import TrainingEpochs  # noqa: E402
 
 SHORT = 100  # steps of the short fit of the step job; the long one has SHORT + --steps
-PEERS = {"plain + training metrics": peers.plain_metrics, "TrainingLoop(DataLoader)": peers.trainingloop_dataloader,
-         "by hand": peers.by_hand, "TrainingLoop(TrainingEpochs)": peers.trainingloop_epochs}
-TARGETS = (("TrainingLoop(DataLoader)", "plain + training metrics", 1.03), ("TrainingLoop(TrainingEpochs)", "by hand", 1.05))
 
 
 def variants(folder: str, every_callback: bool) -> dict:
@@ -105,7 +102,8 @@ def fits(job: str, names: list[str], steps: int, folder: str, every_callback: bo
     "name -> (short fit, long fit), each a call that runs it and returns what it did: steps stamped, or epochs."
     if job == "peers":
         tensors = peers.make_tensors()
-        return {name: tuple(functools.partial(epochs_of_fit, PEERS[name], tensors, n) for n in (1, 2)) for name in names}
+        return {name: tuple(functools.partial(epochs_of_fit, peers.CONTENDERS[name][1], tensors, n) for n in (1, 2))
+                for name in names}
     short, long = data_of(SHORT), data_of(SHORT + steps)
     runs = variants(folder, every_callback)
     return {name: tuple(functools.partial(steps_of_fit, runs[name], data) for data in (short, long)) for name in names}
@@ -164,15 +162,16 @@ def main():
     if shutil.which("valgrind") is None: sys.exit("valgrind is not installed: apt-get install valgrind")
     torch.set_num_threads(1)
     if args.peers:
-        names = list(PEERS)
+        names = peers.target_contenders()
         totals = counted_under_valgrind("peers", names, args.steps, 0.0, False)
         per_epoch = {name: totals[2 * i + 1] - totals[2 * i] for i, name in enumerate(names)}
         print(f"benchmarks/peers.py's job (MLP 784-128-10, {peers.TRAIN_BATCHES} + {peers.VALID_BATCHES} batches of "
               f"{peers.BATCH}, SGD, one thread); instructions per epoch from fits of 1 and 2 epochs under callgrind; "
               f"torch {torch.__version__}")
-        for name, count in per_epoch.items(): print(f"{name:<30} {count:16,d}")
-        for name, baseline, target in TARGETS:
-            print(f"{name} / {baseline}: {per_epoch[name] / per_epoch[baseline]:.4f} (target {target})")
+        for name, count in per_epoch.items(): print(f"{peers.CONTENDERS[name][0]:<32} {count:16,d}")
+        for name, reference, target in peers.TARGETS:
+            print(f"{peers.CONTENDERS[name][0]} / {peers.CONTENDERS[reference][0]}: "
+                  f"{per_epoch[name] / per_epoch[reference]:.4f} (target {target})")
         return
     with tempfile.TemporaryDirectory() as folder:
         names = list(variants(folder, args.every_callback))

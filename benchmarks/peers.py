@@ -230,6 +230,11 @@ CONTENDERS = {  # name: (label, function, module it needs beyond the project)
 TARGETS = [("trainingloop", "plain_metrics", 1.03), ("trainingloop_epochs", "by_hand", 1.05)]
 
 
+def target_contenders():
+    "The contenders the two targets compare, in CONTENDERS' order."
+    return sorted({name for pair in TARGETS for name in pair[:2]}, key=list(CONTENDERS).index)
+
+
 def quiet_peers():
     "No banners, hints or warnings from the peers (after they are imported): the timings are of training, not printing."
     for name in list(logging.root.manager.loggerDict):
@@ -332,7 +337,7 @@ def main(argv=None):
 def stepwise(rounds, threads, markdown=None):
     "The targets' ratios from the median step of one-epoch fits taken in turn (see the module's docstring)."
     t = make_tensors()
-    names = sorted({name for pair in TARGETS for name in pair[:2]}, key=list(CONTENDERS).index)
+    names = target_contenders()
     steps = {n: {"training": [], "validation": []} for n in names}
     rounds_cost = {n: [] for n in names}
     for name in names: timed(CONTENDERS[name][1], t, 1, threads)  # warm-up

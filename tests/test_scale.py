@@ -192,11 +192,8 @@ def test_accumulation_and_mixed_precision_together():
 
 
 # --- compile -----------------------------------------------------------------------------------------
-_compiler = cxx_compiler
-
-
 def test_compile_trains_the_original_model_object():
-    if _compiler() is None:
+    if cxx_compiler() is None:
         print("skipping: torch.compile's CPU backend needs a C++ compiler and none is installed")
         pytest.skip("no C++ compiler for torch.compile on the CPU")
     torch._dynamo.reset()

@@ -282,7 +282,7 @@ def _plain(value: Any) -> Any:
 def _is_plain(value: Any) -> bool:
     return value is None or isinstance(value, (bool, int, float, str, torch.Tensor))
 
-def _adding_each_batch(metrics: list[Metric], each_batch: bool = True) -> list[Metric]:
+def _set_adding(metrics: list[Metric], each_batch: bool) -> list[Metric]:
     "Running sums that add each batch's value as it comes (for readers every batch), or `_RunningMean.group` at a time."
     for m in metrics:
         if isinstance(m, _RunningMean): m.group = 1 if each_batch else _RunningMean.group
@@ -484,7 +484,7 @@ class TrainingLoop:
     def step_values(self) -> dict[str, torch.Tensor]:
         "The metrics of the last batch alone, as tensors on the device (no wait), computed as `last_stats` is."
         if self.last_step_loss is None: return {}
-        if self._step_metrics is None: self._step_metrics = _adding_each_batch([copy.deepcopy(m) for m in self.metrics])
+        if self._step_metrics is None: self._step_metrics = _set_adding([copy.deepcopy(m) for m in self.metrics], each_batch=True)
         output, target, loss = _detached(self.last_step_output), self.last_step_target, self.last_step_loss.detach()
         for m in self._step_metrics:
             m.reset()
@@ -561,7 +561,7 @@ class TrainingLoop:
         self._set_up_devices(model, device, compile)
         self.callbacks = self._callbacks_for_fit(list(callbacks))
         self._build_handlers()
-        _adding_each_batch(self.metrics, any(getattr(cb, "reads_metrics_every_batch", False) for cb in self.callbacks))
+        _set_adding(self.metrics, any(getattr(cb, "reads_metrics_every_batch", False) for cb in self.callbacks))
         self.history, self._step_metrics = [], None
         self.epoch_count, self.epoch_index, self.step, self.exception = epochs, 0, 0, None
         # Before the first phase starts, batch_count describes the training data (stale values would mislead).

@@ -77,8 +77,7 @@ class _RunningMean(Metric):
         if self._sum is None:
             dtype = _sum_dtype(value.device) if value.is_floating_point() else torch.int64
             self._sum = torch.zeros((), dtype=dtype, device=value.device)
-        if weight == 1: self._sum.add_(value)  # in place: the sum is always this metric's own tensor
-        else: self._sum.add_(value, alpha=weight)
+        self._sum.add_(value, alpha=weight)  # in place: the sum is always this metric's own tensor
 
     @property
     def total(self) -> torch.Tensor | None:
