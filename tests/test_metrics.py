@@ -126,6 +126,9 @@ def test_bad_metric_inputs_say_what_to_do():
         make_metrics([Accuracy(), "accuracy"])
     with pytest.raises(ValueError, match="use 'accuracy' for binary"):
         TopKAccuracy(5).update(torch.zeros(3), torch.zeros(3), torch.tensor(0.0))
+    for binary in (torch.zeros(3), torch.zeros(3, 1)):  # small and with class indices, yet refused at its batch
+        with pytest.raises(ValueError, match="use 'accuracy' for binary"):
+            TopKAccuracy(5).update(binary, torch.zeros(3, dtype=torch.long), torch.tensor(0.0))
     with pytest.raises(ValueError, match="target has 6 values but the output gives 3 predictions"):
         Accuracy().update(torch.zeros(3, 4), torch.zeros(3, 2), torch.tensor(0.0))
 
@@ -226,3 +229,78 @@ def test_running_sums_add_each_batch_where_read_every_batch():
     assert torch.equal(state["sum"], saved)
     assert each.compute() == pytest.approx(grouped.compute(), rel=1e-15)
     assert switched.compute() == pytest.approx(grouped.compute(), rel=1e-15)
+
+
+# --- hits: small outputs kept whole, counted a group at a time -----------------------------------------------------------
+def test_hits_of_small_outputs_are_counted_a_group_at_once():
+    "Accuracy and top-k keep a small output with its target (no device op) and count the group's hits in a few ops."
+    g = torch.Generator().manual_seed(3)
+    n = Accuracy.group
+    output, target = torch.randn(n * 4, 6, generator=g), torch.randint(0, 6, (n * 4,), generator=g)
+    grouped, each = [Accuracy(), TopKAccuracy(3)], [Accuracy(), TopKAccuracy(3)]
+    for m in each: m.group = 1
+    pairs = [(output[i * 4:(i + 1) * 4], target[i * 4:(i + 1) * 4]) for i in range(n)]
+    with DeviceOps() as ops:
+        for out, tgt in pairs[:-1]:
+            for m in grouped: m.update(out, tgt, None)
+    assert ops.count == 0 and [len(m._kept) for m in grouped] == [n - 1, n - 1]
+    with DeviceOps() as ops:
+        for m in grouped: m.update(*pairs[-1], None)
+    assert 0 < ops.count <= 20 and [m._kept for m in grouped] == [[], []]  # cat, cat, argmax/topk, eq, (any,) sum, add
+    for out, tgt in pairs:
+        for m in each: m.update(out, tgt, None)
+    assert grouped[0].compute() == each[0].compute() == accuracy_score(target, output.argmax(1))
+    assert grouped[1].compute() == each[1].compute() == pytest.approx(
+        top_k_accuracy_score(target, output, k=3, labels=range(6)), abs=1e-15)
+    assert [m.count for m in grouped] == [m.count for m in each] == [n * 4] * 2
+
+
+def test_hits_count_what_is_not_kept_at_its_batch():
+    "Large outputs, views of a large storage, [N, T, C] outputs and non-int64 targets are counted as they come."
+    g = torch.Generator().manual_seed(4)
+    cases = {"large": (torch.randn(64, 100, generator=g), torch.randint(0, 100, (64,), generator=g)),
+             "view of a large storage": (torch.randn(8, 1000, 6, generator=g)[:, -1], torch.randint(0, 6, (8,), generator=g)),
+             "[N, T, C]": (torch.randn(4, 5, 6, generator=g), torch.randint(0, 6, (4, 5), generator=g)),
+             "int32 target": (torch.randn(4, 6, generator=g), torch.randint(0, 6, (4,), generator=g, dtype=torch.int32))}
+    assert cases["large"][0].untyped_storage().nbytes() > Accuracy.keep_bytes
+    for name, (out, tgt) in cases.items():
+        m, tgt_flat = Accuracy(), tgt.reshape(-1)
+        with DeviceOps() as ops: m.update(out, tgt, None)
+        assert m._kept == [] and ops.count > 0, name
+        assert m.compute() == accuracy_score(tgt_flat, out.reshape(tgt_flat.numel(), -1).argmax(1)), name
+
+
+def test_hits_kept_in_mixed_shapes_equal_sklearn():
+    "Kept outputs that cannot be concatenated ([N] and [N, 1] binary logits, classes changing) are counted batch by batch."
+    g = torch.Generator().manual_seed(5)
+    binary, counted = Accuracy(), []
+    for i in range(10):
+        logits, tgt = torch.randn(3 + i % 4, generator=g), torch.randint(0, 2, (3 + i % 4,), generator=g)
+        binary.update(logits if i % 2 else logits[:, None], tgt, None)
+        counted += list(zip((logits >= 0).long().tolist(), tgt.tolist()))
+    assert len(binary._kept) == 10
+    pred, true = zip(*counted)
+    assert binary.compute() == accuracy_score(true, pred)
+    widths, outs, tgts = Accuracy(), [], []
+    for c in (3, 5, 3, 7):
+        out, tgt = torch.randn(4, c, generator=g), torch.randint(0, 3, (4,), generator=g)
+        widths.update(out, tgt, None); outs.append(out.argmax(1)); tgts.append(tgt)
+    assert len(widths._kept) == 4 and widths.compute() == accuracy_score(torch.cat(tgts), torch.cat(outs))
+
+
+def test_hits_state_mid_group_continues_exactly(tmp_path):
+    "A state saved with outputs kept counts them into its waiting values; the run goes on to the same count."
+    g = torch.Generator().manual_seed(6)
+    pairs = [(torch.randn(4, 6, generator=g), torch.randint(0, 6, (4,), generator=g)) for _ in range(300)]
+    whole, first = Accuracy(), Accuracy()
+    for out, tgt in pairs[:200]:
+        for m in (whole, first): m.update(out, tgt, None)
+    assert len(first._kept) == 200 - Accuracy.group
+    torch.save(first.state_dict(), tmp_path / "state.pt")
+    second = Accuracy()
+    second.load_state_dict(torch.load(tmp_path / "state.pt", weights_only=True))
+    for out, tgt in pairs[200:]:
+        for m in (whole, second): m.update(out, tgt, None)
+    assert torch.equal(second.total, whole.total) and second.count == whole.count == 1200
+    outputs, targets = map(torch.cat, zip(*pairs))
+    assert whole.compute() == accuracy_score(targets, outputs.argmax(1))

@@ -62,7 +62,7 @@ class _RunningMean(Metric):
     ops); where something reads it every batch, `group = 1` adds each batch's value as it comes instead."""
     group = 128  # the loop sets 1 for a fit whose callbacks read the running values every batch
     def __init__(self, name: str): self.name = name; self.reset()
-    def reset(self) -> None: self._sum, self.count, self._values, self._weights, self._stacked = None, 0, [], [], None
+    def reset(self) -> None: self._sum, self.count, self._values, self._weights, self._stacked, self._kept = None, 0, [], [], None, []
 
     def _add(self, value: torch.Tensor, count: int, weight: int = 1) -> None:
         "Add `value * weight` to the sum and `count` to the count."
@@ -73,7 +73,7 @@ class _RunningMean(Metric):
         if len(self._values) >= self.group: self.total = self.total  # the group's values added into the sum
 
     def _add_now(self, value: torch.Tensor, weight: int) -> None:
-        if self._values: self.total = self.total  # values kept before (a state saved by a fit without readers)
+        if self._values or self._kept: self.total = self.total  # values kept before (a state saved by a fit without readers)
         if self._sum is None:
             dtype = _sum_dtype(value.device) if value.is_floating_point() else torch.int64
             self._sum = torch.zeros((), dtype=dtype, device=value.device)
@@ -82,13 +82,17 @@ class _RunningMean(Metric):
     @property
     def total(self) -> torch.Tensor | None:
         "The sum so far, a tensor on the device (None before the first batch); taking it does not wait for the device."
+        self._fold()
         if not self._values: return self._sum
         added = _weighted_sum(self._stack(), self._weights)
         return added if self._sum is None else self._sum + added
 
     @total.setter
     def total(self, value: torch.Tensor | None) -> None:  # a sum that includes every value kept (all ranks' sums)
-        self._sum, self._values, self._weights, self._stacked = value, [], [], None
+        self._sum, self._values, self._weights, self._stacked, self._kept = value, [], [], None, []
+
+    def _fold(self) -> None:
+        "Batches kept whole (see `_Hits`) become one value waiting to be added; nothing to do for the others."
 
     def _stack(self) -> torch.Tensor:
         "The values not yet added, as one tensor. Kept: a reader every batch (a CSV row a batch) stacks one value onto it."
@@ -99,6 +103,7 @@ class _RunningMean(Metric):
 
     def state_dict(self) -> dict[str, Any]:
         "The sum, the count and the values not yet added (the loop saves it with a run)."
+        self._fold()
         return {"sum": _cloned(self._sum), "count": self.count, "weights": list(self._weights),
                 "values": self._stack().detach().clone() if self._values else None}
 
@@ -106,7 +111,7 @@ class _RunningMean(Metric):
         if "sum" not in state:  # saved before values were kept: the sum had every value in it
             self.total, self.count = _cloned(state["total"]), state["count"]
             return
-        self._sum, self.count, self._weights = _cloned(state["sum"]), state["count"], list(state["weights"])
+        self._sum, self.count, self._weights, self._kept = _cloned(state["sum"]), state["count"], list(state["weights"]), []
         self._values, self._stacked = ([], None) if state["values"] is None else (list(state["values"].unbind()), state["values"])
 
     def _mean(self) -> float:
@@ -143,34 +148,68 @@ class Loss(_RunningMean):
     def compute(self) -> float: return self._mean()
     def value(self) -> torch.Tensor: return self._mean_tensor()
 
-class Accuracy(_RunningMean):
-    "Fraction of predictions equal to the target (binary or multiclass, any leading shape)."
-    def __init__(self, name: str = "accuracy"): super().__init__(name)
+_Tensor, _INT64 = torch.Tensor, torch.int64
+
+class _Hits(_RunningMean):
+    """A count of hits over the count of predictions (`Accuracy`, `TopKAccuracy`), kept as `_RunningMean` keeps sums.
+
+    Counting one batch's hits takes three or four device ops (argmax or topk, ==, sum, any): on a small model more
+    dispatch than the loop's own Python, and on a GPU as many kernel launches. So a small output, at most `keep_bytes`
+    of storage, `[N]` or `[N, C]` against `[N]` int64 class indices, is kept as it comes with its target (references,
+    no device work), and the hits of the kept batches are counted at once over their concatenation, `group` batches at
+    a time or when the sum is read: the same integer count, exact however the batches are grouped. Anything else
+    (a larger output, other shapes or types) is counted as it comes, and its errors are raised at its batch."""
+    keep_bytes = 16384  # at most `group` such outputs wait: 2 MiB
+    _scores_per_class = False  # TopKAccuracy keeps only [N, C] outputs with C > 1 (it rejects binary logits)
 
     def update(self, output, target, loss) -> None:
-        pred = predictions(output)
-        self._add((pred == _flat_target(target, pred)).sum(), pred.numel())
+        if self.group > 1 and type(output) is _Tensor and type(target) is _Tensor:
+            shape = output.shape
+            if (target.shape == shape[:1] and target.dtype is _INT64 and output.untyped_storage().nbytes() <= self.keep_bytes
+                    and (len(shape) == 2 and shape[1] > 1 if self._scores_per_class else 0 < len(shape) <= 2)):
+                self._kept.append((output, target))
+                self.count += shape[0]
+                if len(self._kept) >= self.group: self.total = self.total  # counted, and added into the sum
+                return
+        self._add(*self._hits(output, target))
 
+    def _fold(self) -> None:
+        if not self._kept: return
+        outputs, targets = zip(*self._kept)
+        self._kept = []
+        try: hits = self._hits(torch.cat(outputs), torch.cat(targets))[0]
+        except RuntimeError:  # outputs of different widths, or binary ones both [N] and [N, 1]: batch by batch
+            hits = torch.stack([self._hits(o, t)[0] for o, t in zip(outputs, targets)]).sum()
+        self._values.append(hits)
+        self._weights.append(1)
+
+    def _hits(self, output: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, int]: raise NotImplementedError
     def compute(self) -> float: return self._mean()
     def value(self) -> torch.Tensor: return self._mean_tensor()
 
-class TopKAccuracy(_RunningMean):
+class Accuracy(_Hits):
+    "Fraction of predictions equal to the target (binary or multiclass, any leading shape)."
+    def __init__(self, name: str = "accuracy"): super().__init__(name)
+
+    def _hits(self, output, target) -> tuple[torch.Tensor, int]:
+        pred = predictions(output)
+        return (pred == _flat_target(target, pred)).sum(), pred.numel()
+
+class TopKAccuracy(_Hits):
     "Fraction of samples whose target is among the `k` highest-scoring classes."
+    _scores_per_class = True
     def __init__(self, k: int = 5, name: str | None = None):
         if k < 1: raise ValueError(f"k must be at least 1, got {k}")
         self.k = k
         super().__init__(name or f"top{k}_accuracy")
 
-    def update(self, output, target, loss) -> None:
+    def _hits(self, output, target) -> tuple[torch.Tensor, int]:
         if is_binary(output):
             raise ValueError(f"{self.name} needs one score per class, but the output has shape {tuple(output.shape)} "
                              "(binary logits); use 'accuracy' for binary problems")
         top = output.topk(min(self.k, output.shape[-1]), dim=-1).indices
         target = _flat_target(target, top[..., 0])
-        self._add((top == target.unsqueeze(-1)).any(dim=-1).sum(), target.numel())
-
-    def compute(self) -> float: return self._mean()
-    def value(self) -> torch.Tensor: return self._mean_tensor()
+        return (top == target.unsqueeze(-1)).any(dim=-1).sum(), target.numel()
 
 # %% ../nbs/02_metrics.ipynb #532568fe
 class MatthewsCorrelation(Metric):
