@@ -9,8 +9,9 @@ calls cancelled. The counts repeat to within about a thousand instructions a ste
 Two jobs:
   step     (default) benchmarks/step_cost.py's comparison: Linear(4, 2), batch 4, `TrainingEpochs`, SGD, one
            thread; the hand loop and `TrainingLoop` with its defaults, then without the progress printer (no default
-           callback), then without the non-finite-loss watch too (`stop_on_nonfinite=False`); fits of 100 and
-           100 + --steps steps, so instructions per step.
+           callback), then without the non-finite-loss watch too (`stop_on_nonfinite=False`); then both keeping
+           the mean loss only (no accuracy: the loop's own work, the events, checks and bookkeeping, without
+           what its metrics save); fits of 100 and 100 + --steps steps, so instructions per step.
   --peers  benchmarks/peers.py's two targets: `TrainingLoop` over a DataLoader against the plain loop computing
            the same training metrics, and over `TrainingEpochs` against indexing tensors by hand (MLP 784-128-10,
            80 + 20 batches of 128); fits of 1 and 2 epochs, so instructions per epoch, and their ratios.
@@ -55,7 +56,10 @@ SHORT = 100  # steps of the short fit of the step job; the long one has SHORT + 
 def variants(folder: str, every_callback: bool) -> dict:
     found = {"hand": step_cost.hand_loop, "defaults": step_cost.loop_fit,
              "no printer": functools.partial(step_cost.loop_fit, printer=False),  # no default callback
-             "no printer/watch": functools.partial(step_cost.loop_fit, printer=False, stop_on_nonfinite=False)}
+             "no printer/watch": functools.partial(step_cost.loop_fit, printer=False, stop_on_nonfinite=False),
+             # the loop's own work alone: both keep the mean loss only, the loop without printer and watch
+             "hand, loss only": functools.partial(step_cost.hand_loop, accuracy=False),
+             "loop, loss only": functools.partial(step_cost.loop_fit, printer=False, stop_on_nonfinite=False, metrics=())}
     if every_callback:
         makers = step_cost.callback_makers(folder)
         found["every callback"] = lambda m, d, e, stamps: step_cost.loop_fit(m, d, e, makers.values(), stamps)
@@ -179,14 +183,16 @@ def main():
     hand_us = statistics.median(median_step_us(fit(step_cost.hand_loop, data)) for _ in range(5))  # natively: the rate to convert at
     totals = counted_under_valgrind("step", names, args.steps, hand_us, args.every_callback)
     per_step = {name: (totals[2 * i + 1] - totals[2 * i]) / args.steps for i, name in enumerate(names)}
+    reference = {name: per_step["hand, loss only" if "loss only" in name else "hand"] for name in names}
     hand = per_step["hand"]
     print(f"Linear(4, 2), batch 4, TrainingEpochs, SGD, one thread; instructions per step from fits of {SHORT} and "
           f"{SHORT + args.steps} steps under callgrind; torch {torch.__version__}")
     print(f"hand loop natively: {hand_us:.1f} µs a step (median of 5 fits), so {1e3 * hand_us / hand:.3f} ns an instruction")
+    print("each variant against the hand loop that computes the same metrics (the loss-only pair against each other)")
     print(f"{'variant':<18} {'instructions/step':>18} {'- hand':>9} {'% of hand':>10} {'≈ µs at the hand rate':>22}")
     for name, count in per_step.items():
-        extra = count - hand
-        print(f"{name:<18} {count:18.0f} {extra:+9.0f} {100 * extra / hand:+9.2f}% {extra * hand_us / hand:+22.1f}")
+        extra = count - reference[name]
+        print(f"{name:<18} {count:18.0f} {extra:+9.0f} {100 * extra / reference[name]:+9.2f}% {extra * hand_us / hand:+22.1f}")
 
 
 if __name__ == "__main__":

@@ -46,8 +46,8 @@ from trainloop_nb.loop import TrainingLoop
 LR = 0.05
 
 
-def hand_loop(model, data, epochs, stamps=None):
-    "What a careful PyTorch user writes, with the loop's metrics (loss sum, correct count) on the device."
+def hand_loop(model, data, epochs, stamps=None, accuracy=True):
+    "What a careful PyTorch user writes, with the loop's metrics (loss sum, correct count unless `accuracy=False`) on the device."
     device = torch.device("cpu")
     optimizer = torch.optim.SGD(model.parameters(), lr=LR)
     model.train()
@@ -65,7 +65,7 @@ def hand_loop(model, data, epochs, stamps=None):
             optimizer.step()
             n = y.shape[0]
             loss_sum.add_(loss.detach(), alpha=n)
-            correct.add_((output.detach().argmax(dim=-1) == y).sum())
+            if accuracy: correct.add_((output.detach().argmax(dim=-1) == y).sum())
             samples += n
             stamp(time.perf_counter())
         _ = loss_sum.item() / samples, correct.item() / samples  # one read per epoch, as the loop does
@@ -89,11 +89,11 @@ class Stamp(Callback):
     def batch_end(self, loop): self.stamps.append(time.perf_counter())
 
 
-def loop_fit(model, data, epochs, extra=(), stamps=None, printer=True, **options):
+def loop_fit(model, data, epochs, extra=(), stamps=None, printer=True, metrics=("accuracy",), **options):
     "TrainingLoop with the progress printer (unless `printer=False`: no default callback), `extra` callbacks and `options`."
     optimizer = torch.optim.SGD(model.parameters(), lr=LR)
     callbacks = ([ProgressPrinter(mode="terminal")] if printer else []) + [make() for make in extra] + [Stamp([] if stamps is None else stamps)]
-    loop = TrainingLoop(data, None, optimizer, metrics=["accuracy"], callbacks=callbacks, include_default_callbacks=printer, **options)
+    loop = TrainingLoop(data, None, optimizer, metrics=list(metrics), callbacks=callbacks, include_default_callbacks=printer, **options)
     loop.fit(model, epochs=epochs, device="cpu")
 
 

@@ -33,11 +33,25 @@ def real_clocks(monkeypatch):
 
 
 def test_each_variant_is_counted_over_a_short_and_a_long_fit_that_differ_by_the_steps_asked(bench, real_clocks):
-    names = ["hand", "defaults", "no printer", "no printer/watch"]
+    names = ["hand", "defaults", "no printer", "no printer/watch", "hand, loss only", "loop, loss only"]
+    assert list(bench.variants("unused", False)) == names
     counted = bench.child("step", names, 7, 1e9, False)
     assert [name for name, _ in counted] == [name for name in names for _ in range(2)]
     for (_, short), (_, long) in zip(counted[::2], counted[1::2]):
         assert (short, long) == (bench.SHORT, bench.SHORT + 7)  # every fit stamps each of its steps once
+
+
+def test_each_pair_compared_does_the_same_arithmetic(bench):
+    "Every variant trains to the hand loop's weights bit for bit, the loss-only pair included: only the work around differs."
+    runs, data = bench.variants("unused", False), bench.data_of(40)
+    weights = {}
+    for name, run in runs.items():
+        torch.manual_seed(0)
+        data.set_epoch(0)
+        model = torch.nn.Linear(4, 2)
+        run(model, data, 1, stamps=[])
+        weights[name] = torch.cat([p.detach().flatten() for p in model.parameters()])
+    assert all(torch.equal(w, weights["hand"]) for w in weights.values())
 
 
 def test_the_peers_job_counts_one_and_two_epoch_fits_of_each_contender(bench, real_clocks, monkeypatch):
