@@ -29,8 +29,9 @@ __all__ = ['softmax_cross_entropy', 'sigmoid_cross_entropy', 'mean_squared_error
 # %% ../nbs/03_loop.ipynb #dd7764c2
 def softmax_cross_entropy(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     "Mean cross-entropy of class logits `[N, C]` (or `[N, T, C]`) against class indices `[N]` (or `[N, T]`)."
-    if not isinstance(output, torch.Tensor): raise _not_a_tensor(output, "softmax_cross_entropy")
-    if output.dim() > 2: output, target = output.reshape(-1, output.shape[-1]), target.reshape(-1)
+    try: dims = output.dim()
+    except AttributeError: raise _not_a_tensor(output, "softmax_cross_entropy") from None
+    if dims > 2: output, target = output.reshape(-1, output.shape[-1]), target.reshape(-1)
     return F.cross_entropy(output, target)
 
 def sigmoid_cross_entropy(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -629,7 +630,7 @@ class TrainingLoop:
         self.last_step_output = self._training_model(self.last_step_input)  # under torchrun, the DDP-wrapped model
         self.last_step_loss = _check_loss(self.loss_func(self.last_step_output, self.last_step_target))
         self.last_step_loss.backward()
-        self._fire(_UPDATE_START)
+        if self._handlers[_UPDATE_START]: self._fire(_UPDATE_START)
         self.optimizer.step()
         self.step += 1
 
@@ -643,7 +644,7 @@ class TrainingLoop:
                 self.last_step_loss = _check_loss(self.loss_func(self.last_step_output, self.last_step_target))
             self._backward(self.last_step_loss, last)
         if not last: return
-        self._fire(_UPDATE_START)
+        if self._handlers[_UPDATE_START]: self._fire(_UPDATE_START)
         if self.scaler is None:
             self.optimizer.step()
             self.step += 1
@@ -657,13 +658,13 @@ class TrainingLoop:
     def _validation_step(self) -> None:
         if self.precision != "32": return self._mixed_validation_step()
         self.last_step_output = self._inference_model(self.last_step_input)
-        self._fire(_PREDICTION_END)
+        if self._handlers[_PREDICTION_END]: self._fire(_PREDICTION_END)
         self.last_step_loss = _check_loss(self.loss_func(self.last_step_output, self.last_step_target))
 
     def _mixed_validation_step(self) -> None:
         "The same with the forward pass and the loss under autocast (callbacks run outside it, in full precision)."
         with self._autocast: self.last_step_output = self._inference_model(self.last_step_input)
-        self._fire(_PREDICTION_END)
+        if self._handlers[_PREDICTION_END]: self._fire(_PREDICTION_END)
         with self._autocast: self.last_step_loss = _check_loss(self.loss_func(self.last_step_output, self.last_step_target))
 
     def _on_device(self, batch: Any) -> tuple[Any, Any]:

@@ -51,6 +51,8 @@ def _flat_target(target: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
     return target.reshape(pred.shape).long()
 
 # %% ../nbs/02_metrics.ipynb #d4067ad4
+_Tensor, _INT64 = torch.Tensor, torch.int64
+
 class _RunningMean(Metric):
     """A sum over the phase, kept on the device, over a count kept on the host.
 
@@ -142,13 +144,12 @@ class Loss(_RunningMean):
     def __init__(self, name: str = "loss"): super().__init__(name)
 
     def update(self, output, target, loss) -> None:
-        n = target.shape[0] if isinstance(target, torch.Tensor) and target.dim() else 1  # not len(): a Python call in torch
+        shape = target.shape if isinstance(target, _Tensor) else None  # one Size: not dim() and len() (Python in torch)
+        n = shape[0] if shape else 1
         self._add(loss, n, weight=n)
 
     def compute(self) -> float: return self._mean()
     def value(self) -> torch.Tensor: return self._mean_tensor()
-
-_Tensor, _INT64 = torch.Tensor, torch.int64
 
 class _Hits(_RunningMean):
     """A count of hits over the count of predictions (`Accuracy`, `TopKAccuracy`), kept as `_RunningMean` keeps sums.
