@@ -268,6 +268,10 @@ def test_hits_count_what_is_not_kept_at_its_batch():
         with DeviceOps() as ops: m.update(out, tgt, None)
         assert m._kept == [] and ops.count > 0, name
         assert m.compute() == accuracy_score(tgt_flat, out.reshape(tgt_flat.numel(), -1).argmax(1)), name
+    switched_off = Accuracy()
+    switched_off.keep_bytes = 0  # every batch counted as it comes
+    with DeviceOps() as ops: switched_off.update(torch.randn(4, 6, generator=g), torch.randint(0, 6, (4,), generator=g), None)
+    assert switched_off._kept == [] and ops.count > 0
 
 
 def test_hits_kept_in_mixed_shapes_equal_sklearn():
