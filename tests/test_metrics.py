@@ -274,6 +274,20 @@ def test_hits_count_what_is_not_kept_at_its_batch():
     assert switched_off._kept == [] and ops.count > 0
 
 
+def test_hits_read_every_batch_keep_no_more_than_a_group_waiting():
+    "A reader between batches counts the kept outputs into a waiting value each time: they still add up a group at a time."
+    g = torch.Generator().manual_seed(7)
+    m, waiting, outs, tgts = Accuracy(), [], [], []
+    for _ in range(3 * Accuracy.group):
+        out, tgt = torch.randn(4, 3, generator=g), torch.randint(0, 3, (4,), generator=g)
+        m.update(out, tgt, None)
+        m.compute()
+        waiting.append(len(m._values) + len(m._kept))
+        outs.append(out); tgts.append(tgt)
+    assert max(waiting) == Accuracy.group - 1 and m._kept == []
+    assert m.compute() == accuracy_score(torch.cat(tgts), torch.cat(outs).argmax(1))
+
+
 def test_hits_kept_in_mixed_shapes_equal_sklearn():
     "Kept outputs that cannot be concatenated ([N] and [N, 1] binary logits, classes changing) are counted batch by batch."
     g = torch.Generator().manual_seed(5)

@@ -170,7 +170,7 @@ class _Hits(_RunningMean):
                     and (len(shape) == 2 and shape[1] > 1 if self._scores_per_class else 0 < len(shape) <= 2)):
                 self._kept.append((output, target))
                 self.count += shape[0]
-                if len(self._kept) >= self.group: self.total = self.total  # counted, and added into the sum
+                if len(self._kept) + len(self._values) >= self.group: self.total = self.total  # counted, added into the sum
                 return
         self._add(*self._hits(output, target))
 
