@@ -268,6 +268,13 @@ def test_hits_count_what_is_not_kept_at_its_batch():
         with DeviceOps() as ops: m.update(out, tgt, None)
         assert m._kept == [] and ops.count > 0, name
         assert m.compute() == accuracy_score(tgt_flat, out.reshape(tgt_flat.numel(), -1).argmax(1)), name
+    sparse, each = Accuracy(), Accuracy()  # no one storage to judge: counted at its batch, with torch's own error
+    each.group = 1
+    errors = []
+    for m in (sparse, each):
+        with pytest.raises(RuntimeError) as caught: m.update(torch.randn(4, 6).to_sparse(), torch.zeros(4, dtype=torch.long), None)
+        errors.append((type(caught.value), str(caught.value)))
+    assert errors[0] == errors[1] and "argmax" in errors[0][1]
     switched_off = Accuracy()
     switched_off.keep_bytes = 0  # every batch counted as it comes
     with DeviceOps() as ops: switched_off.update(torch.randn(4, 6, generator=g), torch.randint(0, 6, (4,), generator=g), None)

@@ -165,8 +165,9 @@ class _Hits(_RunningMean):
 
     def update(self, output, target, loss) -> None:
         if self.group > 1 and type(output) is _Tensor and type(target) is _Tensor:
-            shape = output.shape
-            if (target.shape == shape[:1] and target.dtype is _INT64 and output.untyped_storage().nbytes() <= self.keep_bytes
+            try: shape, small = output.shape, output.untyped_storage().nbytes() <= self.keep_bytes
+            except RuntimeError: shape, small = None, False  # sparse or nested: no one storage; counted as they come
+            if (small and target.shape == shape[:1] and target.dtype is _INT64
                     and (len(shape) == 2 and shape[1] > 1 if self._scores_per_class else 0 < len(shape) <= 2)):
                 self._kept.append((output, target))
                 self.count += shape[0]
