@@ -256,7 +256,7 @@ def test_hits_of_small_outputs_are_counted_a_group_at_once():
 
 
 def test_hits_count_what_is_not_kept_at_its_batch():
-    "Large outputs, views of a large storage, [N, T, C] outputs and non-int64 targets are counted as they come."
+    "Large outputs, views of a large storage, [N, T, C], int32 targets, sparse outputs, keep_bytes = 0: counted as they come."
     g = torch.Generator().manual_seed(4)
     cases = {"large": (torch.randn(64, 100, generator=g), torch.randint(0, 100, (64,), generator=g)),
              "view of a large storage": (torch.randn(8, 1000, 6, generator=g)[:, -1], torch.randint(0, 6, (8,), generator=g)),
