@@ -75,7 +75,7 @@ class _RunningMean(Metric):
         if len(self._values) >= self.group: self.total = self.total  # the group's values added into the sum
 
     def _add_now(self, value: torch.Tensor, weight: int) -> None:
-        if self._values or self._kept: self.total = self.total  # values kept before (a state saved by a fit without readers)
+        if self._values: self.total = self.total  # values kept before (a state saved by a fit without readers)
         if self._sum is None:
             dtype = _sum_dtype(value.device) if value.is_floating_point() else torch.int64
             self._sum = torch.zeros((), dtype=dtype, device=value.device)
@@ -116,6 +116,9 @@ class _RunningMean(Metric):
         self._sum, self.count, self._weights, self._kept = _cloned(state["sum"]), state["count"], list(state["weights"]), []
         self._values, self._stacked = ([], None) if state["values"] is None else (list(state["values"].unbind()), state["values"])
 
+    def compute(self) -> float: return self._mean()
+    def value(self) -> torch.Tensor: return self._mean_tensor()
+
     def _mean(self) -> float:
         return self.total.item() / self.count if self.count else math.nan
 
@@ -147,9 +150,6 @@ class Loss(_RunningMean):
         shape = target.shape if isinstance(target, _Tensor) else None  # one Size: not dim() and len() (Python in torch)
         n = shape[0] if shape else 1
         self._add(loss, n, weight=n)
-
-    def compute(self) -> float: return self._mean()
-    def value(self) -> torch.Tensor: return self._mean_tensor()
 
 class _Hits(_RunningMean):
     """A count of hits over the count of predictions (`Accuracy`, `TopKAccuracy`), kept as `_RunningMean` keeps sums.
@@ -186,8 +186,6 @@ class _Hits(_RunningMean):
         self._weights.append(1)
 
     def _hits(self, output: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, int]: raise NotImplementedError
-    def compute(self) -> float: return self._mean()
-    def value(self) -> torch.Tensor: return self._mean_tensor()
 
 class Accuracy(_Hits):
     "Fraction of predictions equal to the target (binary or multiclass, any leading shape)."
