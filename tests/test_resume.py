@@ -640,17 +640,6 @@ def test_nonfinite_loss_found_past_many_groups_of_losses_and_through_a_resume():
     with pytest.raises(FloatingPointError, match=r"epoch 1, batch 201 \(step 67\)"): loop.resume()
 
 
-def test_nonfinite_watch_reads_the_state_an_older_version_saved():
-    "Run states written before the watch kept codes held a flag and packed counts: a non-finite loss they recorded is kept."
-    from trainloop_nb.loop import _NonfiniteWatch
-    old = {"ok": torch.tensor(False), "reached": torch.tensor(5 << 32 | 3), "first_step": 10, "previous_batch": 6}
-    watch = _NonfiniteWatch()
-    watch.load_state_dict(old, torch.device("cpu"))
-    assert watch.first_nonfinite() == (4, 13)  # the 5th batch, after 3 of the phase's steps on top of 10
-    watch.load_state_dict({**old, "ok": torch.tensor(True)}, torch.device("cpu"))
-    assert watch.first_nonfinite() is None
-
-
 def test_nonfinite_check_off_trains_on_and_prints_nan(tmp_path):
     x, y = nan_at(0)
     torch.manual_seed(0)

@@ -21,7 +21,7 @@ from .core import (DEFAULT_CALLBACKS, CancelBatch, CancelEpoch, CancelException,
                                event_handlers, note_callback_error, to_device)
 from .distributed import (in_distributed_run, join_process_group, leave_process_group, prepare_metrics,
                                       process_device, shard_data, sum_over_ranks)
-from .metrics import Metric, _RunningMean, make_metrics
+from .metrics import Metric, make_metrics
 
 # %% auto #0
 __all__ = ['softmax_cross_entropy', 'sigmoid_cross_entropy', 'mean_squared_error', 'TrainingLoop']
@@ -283,12 +283,6 @@ def _plain(value: Any) -> Any:
 def _is_plain(value: Any) -> bool:
     return value is None or isinstance(value, (bool, int, float, str, torch.Tensor))
 
-def _set_adding(metrics: list[Metric], each_batch: bool) -> list[Metric]:
-    "Running sums that add each batch's value as it comes (for readers every batch), or `_RunningMean.group` at a time."
-    for m in metrics:
-        if isinstance(m, _RunningMean): m.group = 1 if each_batch else _RunningMean.group
-    return metrics
-
 def _metric_state(metric: Metric) -> dict[str, Any]:
     "A metric's sums so far (tensors cloned, on their device): its own state_dict(), a torchmetrics state, or its plain attributes."
     if _has_state(metric): return metric.state_dict()
@@ -377,30 +371,30 @@ class _SignalGuard:
 class _NonfiniteWatch:
     """Where the training loss first stopped being finite, found on the device without waiting for it.
 
-    Each step costs two list appends: the loss tensors are kept (as references) and checked `group` at a time, a few
-    device ops per group, into one device value, the code `batch << 32 | step` of the first non-finite loss. It is
-    read only when the phase's mean loss (which the loop reads anyway) is not finite."""
+    Each step costs one device op, `isfinite(loss)`: a flag the watch made itself (the loss tensor is not kept, so
+    nothing done to it after its batch changes the answer). The flags are checked `group` at a time, a few device ops
+    per group, into one device value, the code `batch << 32 | step` of the first non-finite loss. It is read only when
+    the phase's mean loss (which the loop reads anyway) is not finite."""
     group = 128
     def __init__(self): self.start()
 
     def start(self) -> None:
-        self.first, self.losses, self.codes = None, [], []
+        self.first, self.finite, self.codes = None, [], []
 
     def update(self, loss: torch.Tensor, batch_index: int, step: int) -> None:
         "Watch the (detached) loss of batch `batch_index`, after which the run had made `step` steps."
-        self.losses.append(loss)
+        self.finite.append(torch.isfinite(loss))
         self.codes.append(batch_index << 32 | step)
-        if len(self.losses) == self.group: self._check()
+        if len(self.finite) == self.group: self._check()
 
     def _check(self) -> None:
         "Fold the losses kept so far into `first`: device work only."
-        if not self.losses: return
-        losses = torch.stack(self.losses)
-        codes = torch.tensor(self.codes, dtype=torch.int64).to(losses.device, non_blocking=True)
-        # x * 0 is 0 unless x is nan or ±inf; a finite loss's code becomes the largest int64, so min() finds the first.
-        first = torch.where(losses.mul(0).eq(0), _NO_CODE, codes).min()
+        if not self.finite: return
+        finite = torch.stack(self.finite)
+        codes = torch.tensor(self.codes, dtype=torch.int64).to(finite.device, non_blocking=True)
+        first = torch.where(finite, _NO_CODE, codes).min()  # a finite loss's code is the largest int64: min() is the first
         self.first = first if self.first is None else torch.minimum(self.first, first)
-        self.losses, self.codes = [], []
+        self.finite, self.codes = [], []
 
     def first_nonfinite(self) -> tuple[int, int] | None:
         "(batch index, step) of the phase's first non-finite loss, or None; one read from the device."
@@ -414,10 +408,7 @@ class _NonfiniteWatch:
 
     def load_state_dict(self, state: dict[str, Any], device: torch.device) -> None:
         self.start()
-        if "first" in state: self.first = _on(state["first"], device)
-        elif state["ok"] is not None and not bool(state["ok"]):  # an older run state: a flag, and counts of steps and batches
-            reached = int(state["reached"])
-            self.first = torch.tensor(((reached >> 32) - 1) << 32 | state["first_step"] + (reached & 0xFFFFFFFF), device=device)
+        self.first = _on(state["first"], device)
 
 _NO_CODE = 2**63 - 1
 
@@ -485,7 +476,7 @@ class TrainingLoop:
     def step_values(self) -> dict[str, torch.Tensor]:
         "The metrics of the last batch alone, as tensors on the device (no wait), computed as `last_stats` is."
         if self.last_step_loss is None: return {}
-        if self._step_metrics is None: self._step_metrics = _set_adding([copy.deepcopy(m) for m in self.metrics], each_batch=True)
+        if self._step_metrics is None: self._step_metrics = [copy.deepcopy(m) for m in self.metrics]
         output, target, loss = _detached(self.last_step_output), self.last_step_target, self.last_step_loss.detach()
         for m in self._step_metrics:
             m.reset()
@@ -562,7 +553,6 @@ class TrainingLoop:
         self._set_up_devices(model, device, compile)
         self.callbacks = self._callbacks_for_fit(list(callbacks))
         self._build_handlers()
-        _set_adding(self.metrics, any(getattr(cb, "reads_metrics_every_batch", False) for cb in self.callbacks))
         self.history, self._step_metrics = [], None
         self.epoch_count, self.epoch_index, self.step, self.exception = epochs, 0, 0, None
         # Before the first phase starts, batch_count describes the training data (stale values would mislead).

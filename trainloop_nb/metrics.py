@@ -5,15 +5,14 @@
 # %% ../nbs/02_metrics.ipynb #3f320c0e
 from __future__ import annotations
 
-import itertools
 import math
 from typing import Any, Iterable
 
 import torch
 
 # %% auto #0
-__all__ = ['METRICS', 'Metric', 'is_binary', 'predictions', 'Loss', 'Accuracy', 'TopKAccuracy', 'MatthewsCorrelation',
-           'matthews_from_confusion', 'Perplexity', 'TorchMetric', 'make_metrics']
+__all__ = ['IGNORE_INDEX', 'METRICS', 'Metric', 'is_binary', 'predictions', 'class_targets', 'Loss', 'Accuracy', 'TopKAccuracy',
+           'MatthewsCorrelation', 'matthews_from_confusion', 'Perplexity', 'TorchMetric', 'make_metrics']
 
 # %% ../nbs/02_metrics.ipynb #9c48d8fb
 class Metric:
@@ -27,6 +26,8 @@ class Metric:
         "The value as a scalar tensor on the device, without waiting for it (for loggers that buffer per-step values)."
         return torch.tensor(self.compute())
     def __repr__(self) -> str: return f"{type(self).__name__}(name={self.name!r})"
+
+IGNORE_INDEX = -100  # the target value that softmax_cross_entropy (F.cross_entropy) and Hugging Face models ignore
 
 def _sum_dtype(device: torch.device) -> torch.dtype:
     # float64 keeps sums of many losses exact enough to match a float64 reference; MPS has no float64.
@@ -43,101 +44,66 @@ def predictions(output: torch.Tensor) -> torch.Tensor:
     if is_binary(output): return (output.reshape(-1) >= 0).long()
     return output.argmax(dim=-1)
 
-def _flat_target(target: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
+def class_targets(target: torch.Tensor, pred: torch.Tensor, binary: bool = False) -> torch.Tensor:
+    "`target` shaped as `pred`, checked: one class index per prediction; floats only for binary outputs."
     if target.shape == pred.shape and target.dtype == torch.int64: return target  # the usual case: no view, no copy
     if target.numel() != pred.numel():
         raise ValueError(f"target has {target.numel()} values but the output gives {pred.numel()} predictions "
                          f"(target shape {tuple(target.shape)}); targets must be class indices, one per prediction")
-    return target.reshape(pred.shape).long()
+    if target.is_floating_point() and not binary:
+        raise ValueError(f"the targets are {target.dtype} numbers, but this metric compares class indices; give "
+                         "integer targets (e.g. target.long() where they are whole numbers), or a metric made for "
+                         "continuous targets")
+    return target.reshape(pred.shape)
 
 # %% ../nbs/02_metrics.ipynb #d4067ad4
-_Tensor, _INT64 = torch.Tensor, torch.int64
-
 class _RunningMean(Metric):
-    """A sum over the phase, kept on the device, over a count kept on the host.
+    """A sum over the phase, kept on the device, over a count of what was summed (a number or a device tensor).
 
-    A batch's value is only kept (a reference: no device work); the values are added `group` at a time, one
-    `stack` and `sum` a group, in float64 (int64 for counts of hits). An in-place add a batch would cost a device op
-    a batch: microseconds of dispatch on a small model, a kernel launch on a GPU. Groups are counted in batches, never
-    cut where the sum is read (a checkpoint keeps the values not yet added), so a resumed run adds the same numbers in
-    the same order as an uninterrupted one. Reading the sum mid-group adds the waiting values afresh (a few device
-    ops); where something reads it every batch, `group = 1` adds each batch's value as it comes instead."""
-    group = 128  # the loop sets 1 for a fit whose callbacks read the running values every batch
+    `update` adds each batch's share with device operations only; nothing it is handed is kept."""
     def __init__(self, name: str): self.name = name; self.reset()
-    def reset(self) -> None: self._sum, self.count, self._values, self._weights, self._stacked, self._kept = None, 0, [], [], None, []
+    def reset(self) -> None: self._total, self._count = None, 0
 
-    def _add(self, value: torch.Tensor, count: int, weight: int = 1) -> None:
-        "Add `value * weight` to the sum and `count` to the count."
-        self.count += count
-        if self.group == 1: return self._add_now(value, weight)
-        self._values.append(value)
-        self._weights.append(weight)
-        if len(self._values) >= self.group: self.total = self.total  # the group's values added into the sum
-
-    def _add_now(self, value: torch.Tensor, weight: int) -> None:
-        if self._values: self.total = self.total  # values kept before (a state saved by a fit without readers)
-        if self._sum is None:
+    def _add(self, value: torch.Tensor, count: int | torch.Tensor, weight: int | torch.Tensor = 1) -> None:
+        "Add `value * weight` to the sum (in place: the sum is always this metric's own tensor) and `count` to the count."
+        if self._total is None:
             dtype = _sum_dtype(value.device) if value.is_floating_point() else torch.int64
-            self._sum = torch.zeros((), dtype=dtype, device=value.device)
-        self._sum.add_(value, alpha=weight)  # in place: the sum is always this metric's own tensor
+            self._total = torch.zeros((), dtype=dtype, device=value.device)
+        if isinstance(weight, int): self._total.add_(value, alpha=weight)
+        else: self._total.add_(value.to(self._total.dtype) * weight)
+        self._count = self._count + count  # a host number, or a new device tensor: never the caller's
 
+    # `total` and `count` are what a distributed run adds over ranks (see `distributed`) and a checkpoint saves.
     @property
     def total(self) -> torch.Tensor | None:
         "The sum so far, a tensor on the device (None before the first batch); taking it does not wait for the device."
-        self._fold()
-        if not self._values: return self._sum
-        added = _weighted_sum(self._stack(), self._weights)
-        return added if self._sum is None else self._sum + added
+        return self._total
 
     @total.setter
-    def total(self, value: torch.Tensor | None) -> None:  # a sum that includes every value kept (all ranks' sums)
-        self._sum, self._values, self._weights, self._stacked, self._kept = value, [], [], None, []
+    def total(self, value: torch.Tensor | None) -> None: self._total = value
 
-    def _fold(self) -> None:
-        "Batches kept whole (see `_Hits`) become one value waiting to be added; nothing to do for the others."
+    @property
+    def count(self) -> int | torch.Tensor: return self._count
 
-    def _stack(self) -> torch.Tensor:
-        "The values not yet added, as one tensor. Kept: a reader every batch (a CSV row a batch) stacks one value onto it."
-        done = 0 if self._stacked is None else len(self._stacked)
-        if done == 0: self._stacked = torch.stack(self._values)
-        elif done < len(self._values): self._stacked = torch.cat([self._stacked, torch.stack(self._values[done:])])
-        return self._stacked  # the same numbers however it was built, so the same sum
+    @count.setter
+    def count(self, value: int | torch.Tensor) -> None: self._count = value
 
     def state_dict(self) -> dict[str, Any]:
-        "The sum, the count and the values not yet added (the loop saves it with a run)."
-        self._fold()
-        return {"sum": _cloned(self._sum), "count": self.count, "weights": list(self._weights),
-                "values": self._stack().detach().clone() if self._values else None}
+        "The sum and the count so far (the loop saves it with a run stopped inside a phase)."
+        return {"total": _cloned(self.total), "count": _cloned(self.count)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if "sum" not in state:  # saved before values were kept: the sum had every value in it
-            self.total, self.count = _cloned(state["total"]), state["count"]
-            return
-        self._sum, self.count, self._weights, self._kept = _cloned(state["sum"]), state["count"], list(state["weights"]), []
-        self._values, self._stacked = ([], None) if state["values"] is None else (list(state["values"].unbind()), state["values"])
+        if set(state) != {"total", "count"}:
+            raise ValueError(f"a {type(self).__name__} state holds 'total' and 'count', got {sorted(state)}; "
+                             "pass what state_dict() returned")
+        self.total, self.count = _cloned(state["total"]), _cloned(state["count"])
 
-    def compute(self) -> float: return self._mean()
-    def value(self) -> torch.Tensor: return self._mean_tensor()
+    def compute(self) -> float: return self.value().item()
 
-    def _mean(self) -> float:
-        return self.total.item() / self.count if self.count else math.nan
-
-    def _mean_tensor(self) -> torch.Tensor:
-        if not self.count: return torch.tensor(math.nan)
-        total = self.total
-        return total.to(_sum_dtype(total.device)) / self.count
-
-def _weighted_sum(values: torch.Tensor, weights: list[int]) -> torch.Tensor:
-    "Σ value·weight in float64 (int64 for integer values): a sum for each run of equal weights (a batch size)."
-    dtype = _sum_dtype(values.device) if values.is_floating_point() else torch.int64
-    if values.dtype != dtype: values = values.to(dtype)
-    total, start = None, 0
-    for weight, run in itertools.groupby(weights):  # runs found in C: a group of one batch size is one run
-        end = start + len(list(run))
-        part = (values if start == 0 and end == len(weights) else values[start:end]).sum()
-        if weight != 1: part = part * weight
-        total, start = part if total is None else total + part, end
-    return total
+    def value(self) -> torch.Tensor:
+        total, count = self.total, self.count
+        if total is None or not isinstance(count, torch.Tensor) and count == 0: return torch.tensor(math.nan)
+        return total.to(_sum_dtype(total.device)) / count  # no predictions counted (all ignored): nan
 
 def _cloned(value: Any) -> Any:
     return value.detach().clone() if isinstance(value, torch.Tensor) else value
@@ -147,69 +113,83 @@ class Loss(_RunningMean):
     def __init__(self, name: str = "loss"): super().__init__(name)
 
     def update(self, output, target, loss) -> None:
-        shape = target.shape if isinstance(target, _Tensor) else None  # one Size: not dim() and len() (Python in torch)
-        n = shape[0] if shape else 1
+        shape = target.shape if isinstance(target, torch.Tensor) else None
+        n = shape[0] if shape else 1  # a 0-d or missing target counts as one sample
         self._add(loss, n, weight=n)
 
 class _Hits(_RunningMean):
-    """A count of hits over the count of predictions (`Accuracy`, `TopKAccuracy`), kept as `_RunningMean` keeps sums.
+    """Hits over counted predictions (`Accuracy`, `TopKAccuracy`); a target equal to `IGNORE_INDEX` is not counted.
 
-    Counting one batch's hits takes three or four device ops (argmax or topk, ==, sum, any): on a small model more
-    dispatch than the loop's own Python, and on a GPU as many kernel launches. So a small output, at most `keep_bytes`
-    of storage, `[N]` or `[N, C]` against `[N]` int64 class indices, is kept as it comes with its target (references,
-    no device work), and the hits of the kept batches are counted at once over their concatenation, `group` batches at
-    a time or when the sum is read: the same integer count, exact however the batches are grouped. Anything else
-    (a larger output, other shapes or types) is counted as it comes, and its errors are raised at its batch."""
-    keep_bytes = 16384  # at most `group` such outputs wait: 2 MiB
-    _scores_per_class = False  # TopKAccuracy keeps only [N, C] outputs with C > 1 (it rejects binary logits)
+    Each batch's comparison is a pair of boolean tensors this metric made; they wait, and `group` batches of them
+    (or `max_waiting` booleans) are summed at once into the hits and the count."""
+    group, max_waiting = 128, 1 << 20
+
+    def reset(self) -> None:
+        super().reset()
+        self._hits, self._counted, self._waiting = [], [], 0
 
     def update(self, output, target, loss) -> None:
-        if self.group > 1 and type(output) is _Tensor and type(target) is _Tensor:
-            try: shape, small = output.shape, output.untyped_storage().nbytes() <= self.keep_bytes
-            except RuntimeError: shape, small = None, False  # sparse or nested: no one storage; counted as they come
-            if (small and target.shape == shape[:1] and target.dtype is _INT64
-                    and (len(shape) == 2 and shape[1] > 1 if self._scores_per_class else 0 < len(shape) <= 2)):
-                self._kept.append((output, target))
-                self.count += shape[0]
-                if len(self._kept) + len(self._values) >= self.group: self.total = self.total  # counted, added into the sum
-                return
-        self._add(*self._hits(output, target))
+        hit, counted = self._compare(output, target)
+        self._hits.append(hit)
+        self._counted.append(counted)
+        self._waiting += hit.shape[0]
+        if len(self._hits) == self.group or self._waiting >= self.max_waiting: self._add_waiting()
 
-    def _fold(self) -> None:
-        if not self._kept: return
-        outputs, targets = zip(*self._kept)
-        self._kept = []
-        try: hits = self._hits(torch.cat(outputs), torch.cat(targets))[0]
-        except RuntimeError:  # outputs of different widths, or binary ones both [N] and [N, 1]: batch by batch
-            hits = torch.stack([self._hits(o, t)[0] for o, t in zip(outputs, targets)]).sum()
-        self._values.append(hits)
-        self._weights.append(1)
+    def _add_waiting(self) -> None:
+        if not self._hits: return
+        hits, counted = torch.cat(self._hits).sum(), torch.cat(self._counted).sum()
+        self._hits, self._counted, self._waiting = [], [], 0
+        self._add(hits, counted)
 
-    def _hits(self, output: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, int]: raise NotImplementedError
+    @property
+    def total(self) -> torch.Tensor | None:
+        self._add_waiting()
+        return self._total
+
+    @total.setter
+    def total(self, value: torch.Tensor | None) -> None:  # a sum that includes every batch (all ranks' hits)
+        self._hits, self._counted, self._waiting, self._total = [], [], 0, value
+
+    @property
+    def count(self) -> int | torch.Tensor:
+        self._add_waiting()
+        return self._count
+
+    @count.setter
+    def count(self, value: int | torch.Tensor) -> None:
+        self._hits, self._counted, self._waiting, self._count = [], [], 0, value
+
+    def _compare(self, output: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        "Flat boolean tensors: whether each prediction hits its target, and whether its target is counted."
+        raise NotImplementedError
+
+def _flat(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    return tensors if tensors[0].dim() == 1 else tuple(t.reshape(-1) for t in tensors)
 
 class Accuracy(_Hits):
     "Fraction of predictions equal to the target (binary or multiclass, any leading shape)."
     def __init__(self, name: str = "accuracy"): super().__init__(name)
 
-    def _hits(self, output, target) -> tuple[torch.Tensor, int]:
+    def _compare(self, output, target) -> tuple[torch.Tensor, torch.Tensor]:
+        binary = is_binary(output)
         pred = predictions(output)
-        return (pred == _flat_target(target, pred)).sum(), pred.numel()
+        target = class_targets(target, pred, binary)
+        return _flat(pred == target, target != IGNORE_INDEX)  # a prediction is never -100: an ignored target never hits
 
 class TopKAccuracy(_Hits):
     "Fraction of samples whose target is among the `k` highest-scoring classes."
-    _scores_per_class = True
     def __init__(self, k: int = 5, name: str | None = None):
         if k < 1: raise ValueError(f"k must be at least 1, got {k}")
         self.k = k
         super().__init__(name or f"top{k}_accuracy")
 
-    def _hits(self, output, target) -> tuple[torch.Tensor, int]:
+    def _compare(self, output, target) -> tuple[torch.Tensor, torch.Tensor]:
         if is_binary(output):
             raise ValueError(f"{self.name} needs one score per class, but the output has shape {tuple(output.shape)} "
                              "(binary logits); use 'accuracy' for binary problems")
         top = output.topk(min(self.k, output.shape[-1]), dim=-1).indices
-        target = _flat_target(target, top[..., 0])
-        return (top == target.unsqueeze(-1)).any(dim=-1).sum(), target.numel()
+        target = class_targets(target, top[..., 0])
+        return _flat((top == target.unsqueeze(-1)).any(dim=-1), target != IGNORE_INDEX)
 
 # %% ../nbs/02_metrics.ipynb #532568fe
 class MatthewsCorrelation(Metric):
@@ -218,13 +198,18 @@ class MatthewsCorrelation(Metric):
     def reset(self) -> None: self.matrix = None
 
     def update(self, output, target, loss) -> None:
-        classes = 2 if is_binary(output) else output.shape[-1]
+        binary = is_binary(output)
+        classes = 2 if binary else output.shape[-1]
         pred = predictions(output)
-        target = _flat_target(target, pred)
+        target = class_targets(target, pred, binary)
+        if target.is_floating_point():  # binary 0/1 targets; a soft one (0.7) has no row in the matrix: not counted
+            counted = (target == 0) | (target == 1)
+            target = target.long()
+        else: counted = target != IGNORE_INDEX
         if self.matrix is None or self.matrix.shape[0] != classes:
             self.matrix = torch.zeros(classes, classes, dtype=torch.int64, device=output.device)
-        cells = (target * classes + pred).reshape(-1)  # row: true class, column: predicted class
-        self.matrix.view(-1).index_add_(0, cells, torch.ones_like(cells))
+        cells = torch.where(counted, target * classes + pred, 0).reshape(-1)  # row: true class, column: predicted
+        self.matrix.view(-1).index_add_(0, cells, counted.reshape(-1).long())  # an ignored target adds 0
 
     def compute(self) -> float:
         if self.matrix is None: return math.nan
@@ -233,6 +218,9 @@ class MatthewsCorrelation(Metric):
     def value(self) -> torch.Tensor:
         if self.matrix is None: return torch.tensor(math.nan)
         return _matthews(self.matrix.to(_sum_dtype(self.matrix.device)))
+
+    def state_dict(self) -> dict[str, Any]: return {"matrix": _cloned(self.matrix)}
+    def load_state_dict(self, state: dict[str, Any]) -> None: self.matrix = _cloned(state["matrix"])
 
 def matthews_from_confusion(matrix: torch.Tensor) -> float:
     "MCC of a confusion matrix (rows: true class, columns: predicted class); 0 where it is undefined."
@@ -250,14 +238,14 @@ def _matthews(c: torch.Tensor) -> torch.Tensor:
 
 # %% ../nbs/02_metrics.ipynb #bc309285
 class Perplexity(_RunningMean):
-    "exp of the token-weighted mean loss over the phase (for language models)."
+    "exp of the token-weighted mean loss over the phase (for language models); ignored tokens (-100) weigh nothing."
     def __init__(self, name: str = "perplexity"): super().__init__(name)
 
     def update(self, output, target, loss) -> None:
-        self._add(loss, target.numel(), weight=target.numel())
+        tokens = (target != IGNORE_INDEX).sum()  # the tokens the (mean) loss was taken over
+        self._add(loss, tokens, weight=tokens)
 
-    def compute(self) -> float: return math.exp(self._mean())
-    def value(self) -> torch.Tensor: return self._mean_tensor().exp()
+    def value(self) -> torch.Tensor: return super().value().exp()
 
 # %% ../nbs/02_metrics.ipynb #8663732a
 class TorchMetric(Metric):
