@@ -86,13 +86,14 @@ class LRFinderResult:
             at = self.rates.index(self.suggestion)
             ax.plot([self.suggestion], [self.smoothed_losses[at]], linestyle="none", marker="o", color="C1",
                     label=f"suggestion ({self.method}): {self.suggestion:.2g}", gid="suggestion")
-        else:
-            ax.text(0.02, 0.96, textwrap.fill(f"no suggestion: {self.reason}", 90), transform=ax.transAxes,
-                    va="top", fontsize="small", color="C3", gid="no suggestion")
+        else:  # bottom right: a curve that only rises leaves it free
+            ax.text(0.98, 0.04, textwrap.fill(f"no suggestion: {self.reason}", 80), transform=ax.transAxes,
+                    ha="right", va="bottom", fontsize="small", color="C3", gid="no suggestion",
+                    bbox=dict(facecolor="white", alpha=0.8, edgecolor="none"))
         ax.set_xscale("log")
         ax.set_xlabel("learning rate")
         ax.set_ylabel("loss")
-        ax.set_ylim(*_loss_limits(self.losses, self.smoothed_losses))
+        ax.set_ylim(*_loss_limits(self.losses, self.smoothed_losses, whole=self.suggestion is None))
         stop = "stopped early: the loss diverged" if self.diverged else "all steps run"
         ax.set_title(f"learning-rate range test: {len(self.rates)} of {self.num_steps} steps, {stop}")
         ax.legend(loc="best", fontsize="small")
@@ -110,13 +111,17 @@ class LRFinderResult:
         return (f"LRFinderResult({len(self.rates)} of {self.num_steps} steps, rates {self.rates[0]:.3g} to "
                 f"{self.rates[-1]:.3g}, {stop}; {found})")
 
-def _loss_limits(losses: list[float], smoothed: list[float]) -> tuple[float, float]:
+def _loss_limits(losses: list[float], smoothed: list[float], whole: bool = False) -> tuple[float, float]:
     "y limits that show the whole descent and cut off the blow-up at the end (it would flatten the rest)."
     finite = [v for v in smoothed if math.isfinite(v)] or [0.0]
-    lowest = int(np.argmin(finite))
-    top = max(finite[:lowest + 1])
-    shown = [v for v in losses[:lowest + 1] + finite if math.isfinite(v) and v <= top]
-    bottom = min(shown) if shown else min(finite)
+    if whole:  # no descent to show (no suggestion): every finite value, the rise included
+        shown = [v for v in losses if math.isfinite(v)] + finite
+        bottom, top = min(shown), max(shown)
+    else:
+        lowest = int(np.argmin(finite))
+        top = max(finite[:lowest + 1])
+        shown = [v for v in losses[:lowest + 1] + finite if math.isfinite(v) and v <= top]
+        bottom = min(shown) if shown else min(finite)
     margin = 0.05 * (top - bottom) or 0.05 * abs(top) or 1.0
     return bottom - margin, top + margin
 
