@@ -324,3 +324,71 @@ def test_the_loop_method_is_the_function():
     by_function = lr_find(loop2, model2, num_steps=20, device="cpu")
     assert by_method.rates == by_function.rates and by_method.losses == by_function.losses
     assert by_method.suggestion == by_function.suggestion
+
+
+@pytest.mark.parametrize("accumulate", [4, 3])  # 8 batches an epoch: groups of 4 and 4, or of 3, 3 and a short 2
+def test_with_accumulation_one_point_per_optimizer_step_at_the_rate_it_used(accumulate):
+    loop, model, _ = regression()
+    batch_losses, used, ends = [], [], []  # every batch's loss; each optimizer step's rate, and where its batches end
+    def loss_func(output, target):
+        loss = mean_squared_error(output, target)
+        batch_losses.append(float(loss.detach()))
+        return loss
+    def step_taken(optimizer, args, kwargs):
+        used.append(optimizer.param_groups[0]["lr"])
+        ends.append(len(batch_losses))
+    loop.loss_func = loss_func
+    hook = loop.optimizer.register_step_pre_hook(step_taken)
+    try: result = lr_find(loop, model, start_lr=1e-3, end_lr=0.3, num_steps=12, device="cpu",
+                          accumulate_steps=accumulate)
+    finally: hook.remove()
+    assert not result.diverged and len(result.rates) == len(result.losses) == len(used) == 12 == result.num_steps
+    assert result.rates == used and result.rates == range_test_rates(1e-3, 0.3, 12)
+    groups = [batch_losses[a:b] for a, b in zip([0] + ends[:-1], ends)]
+    assert [len(g) for g in groups[:3]] == ([4, 4, 4] if accumulate == 4 else [3, 3, 2])  # a short group steps too
+    assert result.losses == pytest.approx([sum(g) / len(g) for g in groups], rel=1e-12)
+    assert result.suggestion in result.rates
+
+
+def test_a_first_group_at_rate_zero_is_refused_as_the_scheduler_refuses_it():
+    loop, model, data = regression()
+    loop.optimizer = torch.optim.SGD([{"params": model[0].parameters(), "lr": 0.0},
+                                      {"params": model[2].parameters(), "lr": 0.01}], lr=0.1)
+    before = everything(model, loop.optimizer, data)
+    with pytest.raises(ValueError, match="first parameter group has learning rate 0 .* ratio to it is undefined; "
+                                         "give the first group a non-zero rate"):
+        lr_find(loop, model, device="cpu")
+    assert_same(before, everything(model, loop.optimizer, data))
+
+
+def test_a_loss_that_diverges_from_the_first_step_gives_no_suggestion_and_says_why():
+    loop, model, _ = regression()
+    with pytest.warns(UserWarning, match="the loss never decreased: it diverged from the first step.*smaller start_lr"):
+        result = lr_find(loop, model, start_lr=30.0, end_lr=1000.0, device="cpu")
+    assert result.diverged and len(result.rates) < 10
+    assert result.suggestion is None and result.steepest is None
+    assert "never decreased" in result.reason and "diverged from the first step" in result.reason
+    assert "no suggestion" in repr(result) and result.reason in repr(result) and str(result) == repr(result)
+    ax = result.plot().axes[0]
+    assert {l.get_gid() for l in ax.get_lines()} == {"loss", "smoothed"}  # no point marked
+    assert any("diverged from the first step" in t.get_text().replace("\n", " ") for t in ax.texts)
+
+
+def test_a_loss_that_is_nan_from_the_first_step_gives_no_suggestion_and_says_why():
+    loop, model, _ = regression()
+    loop.loss_func = lambda output, target: mean_squared_error(output, target) * float("nan")
+    with pytest.warns(UserWarning, match="the loss never decreased: it was nan from step 1, before the first update"):
+        result = lr_find(loop, model, device="cpu")
+    assert result.diverged and len(result.rates) == 1 and math.isnan(result.losses[0])
+    assert result.suggestion is None and result.steepest is None and "was nan from step 1" in result.reason
+    assert result.reason in repr(result)
+    ax = result.plot().axes[0]
+    assert "suggestion" not in {l.get_gid() for l in ax.get_lines()}
+    assert any("was nan from step 1" in t.get_text().replace("\n", " ") for t in ax.texts)
+
+
+def test_a_normal_run_has_a_suggestion_and_no_warning(recwarn):
+    loop, model, _ = regression()
+    result = lr_find(loop, model, device="cpu")
+    assert result.suggestion in result.rates and result.reason is None and "no suggestion" not in repr(result)
+    assert not [w for w in recwarn if "suggestion" in str(w.message)]

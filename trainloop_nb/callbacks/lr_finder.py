@@ -8,12 +8,15 @@ from __future__ import annotations
 import copy
 import math
 import os
+import textwrap
+import warnings
 from dataclasses import dataclass
 from typing import Any, Iterable
 
 import numpy as np
 import torch
 
+from .schedule import _group_ratios, _set_group_rates
 from ..core import Callback, CancelFit
 
 # %% auto #0
@@ -58,15 +61,16 @@ def steepest_index(rates: Iterable[float], losses: Iterable[float]) -> int:
 # %% ../../nbs/15_callbacks.lr_finder.ipynb #bb5fa71d
 @dataclass(repr=False)
 class LRFinderResult:
-    "What the range test found: the rate and loss of every step taken, the smoothed losses, and the suggested rate."
+    "What the range test found: rate and loss of every optimizer step taken, the smoothed losses, the suggested rate."
     rates: list[float]
     losses: list[float]
     smoothed_losses: list[float]
-    suggestion: float
-    steepest: float
+    suggestion: float | None  # None when the loss never decreased; `reason` says why
+    steepest: float | None
     diverged: bool
     num_steps: int
     method: str = "valley"
+    reason: str | None = None  # why there is no suggestion (None when there is one)
 
     def plot(self, ax: Any = None, path: str | os.PathLike | None = None):
         "Loss against learning rate (log scale), raw and smoothed, with the suggestion marked; returns the Figure."
@@ -78,13 +82,18 @@ class LRFinderResult:
         else: fig = ax.figure
         ax.plot(self.rates, self.losses, color="C0", alpha=0.3, linewidth=1, label="loss", gid="loss")
         ax.plot(self.rates, self.smoothed_losses, color="C0", label="smoothed loss", gid="smoothed")
-        at = self.rates.index(self.suggestion)
-        ax.plot([self.suggestion], [self.smoothed_losses[at]], linestyle="none", marker="o", color="C1",
-                label=f"suggestion ({self.method}): {self.suggestion:.2g}", gid="suggestion")
+        if self.suggestion is not None:
+            at = self.rates.index(self.suggestion)
+            ax.plot([self.suggestion], [self.smoothed_losses[at]], linestyle="none", marker="o", color="C1",
+                    label=f"suggestion ({self.method}): {self.suggestion:.2g}", gid="suggestion")
+        else:  # bottom right: a curve that only rises leaves it free
+            ax.text(0.98, 0.04, textwrap.fill(f"no suggestion: {self.reason}", 80), transform=ax.transAxes,
+                    ha="right", va="bottom", fontsize="small", color="C3", gid="no suggestion",
+                    bbox=dict(facecolor="white", alpha=0.8, edgecolor="none"))
         ax.set_xscale("log")
         ax.set_xlabel("learning rate")
         ax.set_ylabel("loss")
-        ax.set_ylim(*_loss_limits(self.losses, self.smoothed_losses))
+        ax.set_ylim(*_loss_limits(self.losses, self.smoothed_losses, whole=self.suggestion is None))
         stop = "stopped early: the loss diverged" if self.diverged else "all steps run"
         ax.set_title(f"learning-rate range test: {len(self.rates)} of {self.num_steps} steps, {stop}")
         ax.legend(loc="best", fontsize="small")
@@ -97,46 +106,56 @@ class LRFinderResult:
         if not self.rates: return f"LRFinderResult(no steps of {self.num_steps})"
         stop = (f"stopped early at {self.rates[-1]:.3g}: the smoothed loss diverged" if self.diverged
                 else "ran every step")
+        found = (f"no suggestion: {self.reason}" if self.suggestion is None else
+                 f"suggestion ({self.method}) {self.suggestion:.3g}, steepest descent at {self.steepest:.3g}")
         return (f"LRFinderResult({len(self.rates)} of {self.num_steps} steps, rates {self.rates[0]:.3g} to "
-                f"{self.rates[-1]:.3g}, {stop}; suggestion ({self.method}) {self.suggestion:.3g}, "
-                f"steepest descent at {self.steepest:.3g})")
+                f"{self.rates[-1]:.3g}, {stop}; {found})")
 
-def _loss_limits(losses: list[float], smoothed: list[float]) -> tuple[float, float]:
+def _loss_limits(losses: list[float], smoothed: list[float], whole: bool = False) -> tuple[float, float]:
     "y limits that show the whole descent and cut off the blow-up at the end (it would flatten the rest)."
     finite = [v for v in smoothed if math.isfinite(v)] or [0.0]
-    lowest = int(np.argmin(finite))
-    top = max(finite[:lowest + 1])
-    shown = [v for v in losses[:lowest + 1] + finite if math.isfinite(v) and v <= top]
-    bottom = min(shown) if shown else min(finite)
+    if whole:  # no descent to show (no suggestion): every finite value, the rise included
+        shown = [v for v in losses if math.isfinite(v)] + finite
+        bottom, top = min(shown), max(shown)
+    else:
+        lowest = int(np.argmin(finite))
+        top = max(finite[:lowest + 1])
+        shown = [v for v in losses[:lowest + 1] + finite if math.isfinite(v) and v <= top]
+        bottom = min(shown) if shown else min(finite)
     margin = 0.05 * (top - bottom) or 0.05 * abs(top) or 1.0
     return bottom - margin, top + margin
 
 # %% ../../nbs/15_callbacks.lr_finder.ipynb #452916e4
 class _RangeTest(Callback):
-    "Sets step i's rate at `batch_start`, records its loss at `batch_end`, and ends the fit when done or diverged."
+    "Sets optimizer step i's rate as its batches start, records the mean of their losses, ends when done or diverged."
     def __init__(self, rates: list[float], beta: float, divergence: float):
         self.rates, self.beta, self.divergence = rates, beta, divergence
         self.losses: list[float] = []
         self.smoothed: list[float] = []
         self.diverged = False
         self._average, self._lowest = 0.0, math.inf
+        self._step_losses: list[float] = []  # the batch losses of the optimizer step being accumulated
+        self._stepped = False  # whether the current batch ends with an optimizer step
 
     def fit_start(self, loop) -> None:
-        # Several parameter groups keep their ratio to the first, as LearningRateScheduler does.
-        first = float(loop.optimizer.param_groups[0]["lr"])
-        self.ratios = [float(g["lr"]) / first if first else 1.0 for g in loop.optimizer.param_groups]
+        self.ratios = _group_ratios([group["lr"] for group in loop.optimizer.param_groups])
 
     def batch_start(self, loop) -> None:
-        if loop.phase != "training": return
-        rate = self.rates[len(self.losses)]
-        for group, ratio in zip(loop.optimizer.param_groups, self.ratios):
-            if isinstance(group["lr"], torch.Tensor): group["lr"].fill_(rate * ratio)
-            else: group["lr"] = rate * ratio
+        if loop.phase != "training" or self._step_losses: return  # not the first batch of an optimizer step
+        _set_group_rates(loop.optimizer.param_groups, self.rates[len(self.losses)], self.ratios)
+
+    def update_start(self, loop) -> None: self._stepped = True  # fires only before a real optimizer step
 
     def batch_end(self, loop) -> None:
-        if loop.phase != "training" or loop.last_step_loss is None: return
-        # A host read every step (a sync on an accelerator): the test must decide now whether to take another step.
-        loss = float(loop.last_step_loss.detach())
+        if loop.phase != "training": return
+        # A host read every batch (a sync on an accelerator): the test must decide now whether to take another step.
+        if loop.last_step_loss is not None: self._step_losses.append(float(loop.last_step_loss.detach()))
+        if not self._stepped: return  # inside an accumulation group: its step comes with a later batch
+        loss = sum(self._step_losses) / len(self._step_losses)
+        self._step_losses, self._stepped = [], False
+        self._record(loss)
+
+    def _record(self, loss: float) -> None:
         self.losses.append(loss)
         self._average = self.beta * self._average + (1 - self.beta) * loss
         smoothed = self._average / (1 - self.beta ** len(self.losses))
@@ -153,18 +172,34 @@ class _RangeTest(Callback):
             raise RuntimeError("the range test took no training step (was every batch cancelled, or the fit ended by "
                                "a callback before the first step?); there is nothing to suggest a rate from")
         rates = self.rates[:n]
+        finite = next((i for i, v in enumerate(self.smoothed) if not math.isfinite(v)), n)
+        reason = _why_no_suggestion(rates, self.losses, self.smoothed[:finite], self.diverged)
+        if reason is not None:
+            return LRFinderResult(rates, list(self.losses), list(self.smoothed), None, None, self.diverged,
+                                  len(self.rates), reason=reason)
         # As fastai does: leave out the first tenth of the planned steps (the loss has not moved yet, the average is
         # warming up) and the last 5 steps taken (the blow-up), when enough steps remain.
-        finite = next((i for i, v in enumerate(self.smoothed) if not math.isfinite(v)), n)
         first, last = len(self.rates) // 10, finite - 5
         if last - first < 2: first, last = 0, finite
         window = slice(first, max(last, 1))
-        if finite == 0: valley = steepest = 0
-        else:
-            valley = window.start + valley_index(self.smoothed[window])
-            steepest = window.start + steepest_index(rates[window], self.smoothed[window])
+        valley = window.start + valley_index(self.smoothed[window])
+        steepest = window.start + steepest_index(rates[window], self.smoothed[window])
         return LRFinderResult(rates, list(self.losses), list(self.smoothed), rates[valley], rates[steepest],
                               self.diverged, len(self.rates))
+
+def _why_no_suggestion(rates: list[float], losses: list[float], finite: list[float], diverged: bool) -> str | None:
+    "Why no rate can be suggested, when the smoothed loss (its `finite` start) never fell below its first value."
+    if not finite:
+        return (f"the loss never decreased: it was {losses[0]} from step 1, before the first update, so no rate "
+                "caused it; check the model, the loss function and the data on one batch (a smaller start_lr "
+                "will not help)")
+    if min(finite) < finite[0]: return None
+    if diverged:
+        return (f"the loss never decreased: it diverged from the first step (rates {rates[0]:.3g} to "
+                f"{rates[-1]:.3g}); try a smaller start_lr, e.g. start_lr={rates[0] / 100:.3g}")
+    return (f"the loss never decreased below its first value over rates {rates[0]:.3g} to {rates[-1]:.3g}; if it "
+            "rose, try a smaller start_lr; if it stayed flat, a larger end_lr (and check that the optimizer holds "
+            "the model's trainable parameters)")
 
 # %% ../../nbs/15_callbacks.lr_finder.ipynb #a3ed3924
 class _Stored:
@@ -253,12 +288,20 @@ def lr_find(loop: Any, model: torch.nn.Module, start_lr: float = 1e-7, end_lr: f
     test = _RangeTest(range_test_rates(float(start_lr), float(end_lr), int(num_steps)), smoothing, divergence)
     finder = TrainingLoop(loop.training, None, loop.optimizer, loss_func=loop.loss_func,
                           callbacks=[test, *callbacks], include_default_callbacks=False)
-    batches = _length(loop.training)
-    epochs = math.ceil(num_steps / batches) if batches else int(num_steps)  # enough epochs to reach num_steps
+    steps = _steps_per_epoch(_length(loop.training), fit_options.get("accumulate_steps", 1))
+    epochs = math.ceil(num_steps / steps) if steps else int(num_steps)  # enough epochs to reach num_steps
     snapshot = _Snapshot(model, loop.optimizer, loop.training)
     try: finder.fit(model, epochs=epochs, device=device, **fit_options)
     finally: snapshot.restore(model, loop.optimizer, loop.training)
-    return test.result()
+    result = test.result()
+    if result.reason is not None: warnings.warn(f"lr_find has no suggestion: {result.reason}", stacklevel=2)
+    return result
+
+def _steps_per_epoch(batches: int | None, accumulate_steps: Any) -> int | None:
+    "Optimizer steps in an epoch of `batches` (a short group at the end steps too); None if not known."
+    if batches is None or isinstance(accumulate_steps, bool) or not isinstance(accumulate_steps, int) \
+            or accumulate_steps < 1: return None  # a bad value is fit's to refuse, with its own message
+    return math.ceil(batches / accumulate_steps)
 
 def _length(data: Any) -> int | None:
     try: return len(data)

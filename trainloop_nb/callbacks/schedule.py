@@ -338,9 +338,7 @@ class LearningRateScheduler(Callback):
         step = loop.step
         rate = float(self._rate(step if step < self._last_step else self._last_step))  # past the end: hold the last
         if not 0 <= rate < math.inf: _check_applied_rate(step, rate)  # a Schedule of your own function may go wrong
-        for group, ratio in zip(loop.optimizer.param_groups, self._ratios):
-            if isinstance(group["lr"], torch.Tensor): group["lr"].fill_(rate * ratio)
-            else: group["lr"] = rate * ratio
+        _set_group_rates(loop.optimizer.param_groups, rate, self._ratios)
         self._record(step, rate)
 
     def _record(self, step: int, rate: float) -> None:
@@ -394,14 +392,20 @@ def _kept(rate: Any) -> Any:
     return rate.detach().clone() if isinstance(rate, torch.Tensor) else rate
 
 def _group_ratios(found: list) -> tuple[float, ...]:
-    "lr_i / lr_0 for each group: the factor on the scheduled rate that keeps the groups' ratio."
+    "lr_i / lr_0 for each group: the factor on one rate that keeps the groups' ratio (the scheduler's and lr_find's)."
     if len(found) == 1: return (1.0,)
     values = [float(r) for r in found]  # a tensor rate is read here, once per fit, never per step
     if values[0] == 0 and any(v != 0 for v in values):
         raise ValueError(f"the optimizer's first parameter group has learning rate 0 and the others {values[1:]}, so "
-                         "their ratio to it is undefined; give the first group a non-zero rate (the scheduler sets "
-                         "group i to the scheduled rate x lr_i / lr_0)")
+                         "their ratio to it is undefined; give the first group a non-zero rate (one rate r is set "
+                         "on every group as r x lr_i / lr_0, keeping the ratios found)")
     return tuple(1.0 if v == values[0] else v / values[0] for v in values)
+
+def _set_group_rates(groups: list[dict], rate: float, ratios: Sequence[float]) -> None:
+    "Set `rate` x ratio on each parameter group; a tensor rate is filled in place (no new tensor, no device read)."
+    for group, ratio in zip(groups, ratios):
+        if isinstance(group["lr"], torch.Tensor): group["lr"].fill_(rate * ratio)
+        else: group["lr"] = rate * ratio
 
 def _check_group_count(found: list | None, groups: list) -> None:
     if found is not None and len(found) != len(groups):
