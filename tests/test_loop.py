@@ -169,7 +169,8 @@ def test_fit_end_fires_after_an_error_and_the_error_is_reraised(error_type):
     assert info.value is raised and seen == [raised]
     assert info.traceback[-1].name == "batch_end"  # traceback still ends where it was raised
     if error_type is RuntimeError:
-        assert info.value.__notes__ == ["raised in callback Boom at event batch_end"]
+        assert info.value.__notes__ == ["raised in callback Boom at event batch_end",
+                                        "in epoch 1, training batch 2 (after step 2)"]
 
 
 def test_error_in_function_callback_is_named():

@@ -143,6 +143,7 @@ def _precision_tools(precision: str, device: torch.device) -> tuple[Any, Any]:
     return autocast, scaler
 
 # %% ../nbs/03_loop.ipynb #6854e9a3
+import itertools
 import math
 import os
 import random
@@ -154,7 +155,7 @@ from pathlib import Path
 
 import numpy as np
 
-_STATE_VERSION = 1
+_STATE_VERSION = 2  # 2: metric sums by name, the fit's options, data that restores itself
 _STATE_KEYS = ("step", "epoch_count", "history", "position", "rng", "data", "callbacks")
 
 def _resume_error(message: str) -> Exception:
@@ -175,6 +176,9 @@ def _check_run_state(state: Any, source: str) -> None:
                             "Checkpoint callback wrote, or from what loop.state_dict() returned")
     if state.get("version", 0) > _STATE_VERSION:
         raise _resume_error(f"{source} was written by a newer trainloop_nb (run state version {state['version']}); upgrade to resume it")
+    if state.get("version", 0) < _STATE_VERSION:
+        raise _resume_error(f"{source} was written by an older trainloop_nb (run state version {state.get('version', 0)}), "
+                            "whose metric sums and options this one does not read; resume it with the version that wrote it")
 
 # -- random number generators: torch (CPU and the CUDA device in use), numpy, random ----------------------------------
 def _torch_rng_state(device: torch.device | None, clone: bool = False) -> dict[str, Any]:
@@ -272,6 +276,13 @@ def _restore_phase_start(data: Any, state: dict[str, Any], device: torch.device 
     for generator, saved in zip(_data_generators(data), state["generators"]): generator.set_state(saved)
     _load_data_state(data, state["data"])
 
+def _restores_itself(data: Any, start: dict[str, Any] | None) -> bool:
+    "Data whose `state_dict()` describes its iterator (torchdata's StatefulDataLoader): resumed from it, never replayed."
+    return _has_state(data) and start is not None and not _skips_itself(data, start)
+
+def _batch_sizes(loop: Any) -> dict[str, int | None]:
+    return {"training": getattr(loop.training, "batch_size", None), "validation": getattr(loop.validation, "batch_size", None)}
+
 def _skips_itself(data: Any, start: dict[str, Any]) -> bool:
     "Data whose state has a 'batch' entry (TrainingEpochs) starts its next iter() at that batch when told."
     return isinstance(start["data"], dict) and "batch" in start["data"]
@@ -329,10 +340,10 @@ _SIGNALS = ((signal.SIGINT, signal.default_int_handler), (signal.SIGTERM, signal
 
 class _SignalGuard:
     "During a fit, Ctrl-C raises KeyboardInterrupt and SIGTERM SystemExit, both held while a training batch is under way."
-    def __init__(self): self.previous, self.holding, self.pending, self.terminated = {}, False, None, False
+    def __init__(self): self.previous, self.holding, self.pending, self.terminated, self.broke_step = {}, False, None, False, False
 
     def install(self) -> None:
-        self.holding, self.pending, self.terminated = False, None, False
+        self.holding, self.pending, self.terminated, self.broke_step = False, None, False, False
         if threading.current_thread() is not threading.main_thread(): return  # only the main thread may set handlers
         for signum, default in _SIGNALS:
             if signal.getsignal(signum) is default:  # a handler of the user's own is left in place
@@ -342,6 +353,7 @@ class _SignalGuard:
         if self.holding and self.pending is None:  # a second signal while one is held is not held: a way out of a hang
             self.pending = signum
             return
+        self.broke_step = self.holding  # raised inside a step: it may be half applied, so the run's state is not kept
         self._raise(signum)
 
     def _raise(self, signum: int) -> None:
@@ -426,6 +438,17 @@ def _no_batches_error(data: Any, training: bool, epoch_index: int) -> ValueError
     return ValueError("the validation data produced no batches, so there is nothing to validate on (its metrics would be "
                       "nan); check that it is not empty, or pass validation=None to train without validation")
 
+def _batch_note(loop: Any, error: Exception) -> str:
+    "Where an error in a batch happened; for a class index out of range, also how many classes the output scores."
+    where = f"in epoch {loop.epoch_index + 1}, {loop.phase.value} batch {loop.batch_index + 1} (after step {loop.step})"
+    output, target = loop.last_step_output, loop.last_step_target
+    if ("out of bounds" in str(error) or "out of range" in str(error)) and isinstance(output, torch.Tensor) \
+            and output.dim() >= 2 and isinstance(target, torch.Tensor) and not target.is_floating_point():
+        classes = output.shape[-1]
+        where += (f": the model's output scores {classes} classes, so the targets must be class indices from 0 to "
+                  f"{classes - 1} (or -100, left out); check the labels of this batch and the model's number of classes")
+    return where
+
 def _non_tensor_output_note(output: Any, metric: Any) -> str:
     kind = type(output).__name__
     return (f"the model returned a {kind}, and the metric {getattr(metric, 'name', metric)!r} takes a tensor: make the model "
@@ -459,7 +482,7 @@ class TrainingLoop:
         self.phase, self.epoch_index, self.epoch_count, self.batch_index, self.batch_count, self.step = None, 0, 0, 0, None, 0
         self.last_step_input = self.last_step_target = self.last_step_output = self.last_step_loss = None
         self.rank, self.world_size = 0, 1
-        self.precision, self.accumulate_steps, self.scaler = "32", 1, None
+        self.precision, self.accumulate_steps, self.compile, self.scaler = "32", 1, False, None
         self._autocast, self._training_model, self._inference_model, self._ddp = _NO_CONTEXT, None, None, None
         self._handlers: dict = {}
         self._disabled: set[int] = set()
@@ -550,6 +573,7 @@ class TrainingLoop:
         "Train `model` for `epochs` on `device` (default: the best available); returns `history`. `resume_from` continues a run."
         epochs = self._check_arguments(model, epochs)
         self.precision, self.accumulate_steps = _check_precision(precision), _check_accumulate_steps(accumulate_steps)
+        self.compile = bool(compile)
         self._set_up_devices(model, device, compile)
         self.callbacks = self._callbacks_for_fit(list(callbacks))
         self._build_handlers()
@@ -602,17 +626,27 @@ class TrainingLoop:
         batches, done = self._iterate(data)  # iter(data); resuming, moved past the `done` batches of the stopped run
         if training and self.accumulate_steps > 1 and self.batch_count is None: batches = self._marking_last(batches)
         with torch.set_grad_enabled(training):
-            for self.batch_index, batch in enumerate(batches, start=done):
-                one_batch(batch)
+            try:
+                for self.batch_index, batch in enumerate(batches, start=done):
+                    one_batch(batch)
+            except CancelException: raise
+            except Exception as error:
+                add_note(error, _batch_note(self, error))  # where it happened: epoch, batch, step (and the classes)
+                raise
         if not self._batches_done: raise _no_batches_error(data, training, self.epoch_index)
 
     # The per-batch path: plain PyTorch, read top to bottom; no host synchronisation anywhere in it.
     def _training_batch(self, batch: Any) -> None:
+        self._batch = batch  # a resume of data that restores its own position starts with it, if the stop came inside it
         self.last_step_input, self.last_step_target = self._on_device(batch)
         self.last_step_output = self.last_step_loss = None
-        self._signals.holding = True  # Ctrl-C or SIGTERM waits until this batch is complete: no step is half applied
+        # Ctrl-C or SIGTERM waits until this batch's step is complete (a whole accumulation group): nothing half applied
+        self._signals.holding = True
         try: self._with_events(_BATCH_START, self._training_step, _BATCH_END, CancelBatch, finish=self._count_batch)
-        finally: self._signals.release()  # and raises one that came meanwhile
+        except BaseException:
+            self._signals.release()
+            raise
+        if not self._inside_group: self._signals.release()  # and raises one that came meanwhile
 
     def _training_step(self) -> None:
         if not self._plain_step: return self._mixed_or_accumulated_step()  # precision or accumulate_steps given
@@ -627,6 +661,7 @@ class TrainingLoop:
     def _mixed_or_accumulated_step(self) -> None:
         "The same step with mixed precision (autocast, GradScaler) and gradients summed over a group of batches."
         first, last = self._group_position()  # in a group of `accumulate_steps` batches; both True without accumulation
+        self._inside_group = not last
         if first: self.optimizer.zero_grad(set_to_none=True)
         with self._gradient_sync(last):  # in a distributed run: gradients averaged over ranks on a group's last batch only
             with self._autocast:  # mixed precision: the forward pass and the loss
@@ -641,6 +676,7 @@ class TrainingLoop:
         else: self._scaled_step()
 
     def _validation_batch(self, batch: Any) -> None:
+        self._batch = batch
         self.last_step_input, self.last_step_target = self._on_device(batch)
         self.last_step_output = self.last_step_loss = None
         self._with_events(_BATCH_START, self._validation_step, _BATCH_END, CancelBatch, finish=self._count_batch)
@@ -735,6 +771,7 @@ class TrainingLoop:
         self._autocast, self.scaler = _precision_tools(self.precision, self.device)
         self._plain_step = self.precision == "32" and self.accumulate_steps == 1
         self._gradient_factor, self._last_of_epoch, self._step_hook, self._made_group = 1.0, False, None, False
+        self._inside_group = False
         rank, world_size = 0, 1
         if distributed: rank, world_size, self._made_group = join_process_group(self.device)
         self.rank, self.world_size = rank, world_size
@@ -818,7 +855,7 @@ class TrainingLoop:
         self._fit_callbacks: list[Any] = []
         self._epoch_record, self._epoch_started, self._phases_done = None, 0.0, []
         self._open_phase_name, self._phase_start, self._batches_done = None, None, 0
-        self._rng = _BatchStartRng()
+        self._rng, self._batch = _BatchStartRng(), None
 
     def state_dict(self) -> dict[str, Any]:
         "The run at its last completed step: model, optimizer, position, history, RNGs and callback states (what a checkpoint holds)."
@@ -836,15 +873,21 @@ class TrainingLoop:
         if self._stopped_state is None:
             raise RuntimeError("there is no stopped fit to resume: the last fit finished (or none ran). To train further, "
                                "call fit() again (a new run), or fit(..., resume_from=checkpoint) to continue a saved one")
-        return self.fit(self.model, self.epoch_count, self.device, self._fit_callbacks, resume_from=self._stopped_state)
+        return self.fit(self.model, self.epoch_count, self.device, self._fit_callbacks, resume_from=self._stopped_state,
+                        **self._stopped_state["options"])
 
     def _run_state(self) -> dict[str, Any]:
         "Everything but the model and optimizer: where the run is and what it has recorded."
-        return {"version": _STATE_VERSION, "step": self.step, "epoch_count": self.epoch_count,
+        return {"version": _STATE_VERSION, "step": self.step, "epoch_count": self.epoch_count, "options": self._options(),
+                "optimizer_class": type(self.optimizer).__qualname__, "batch_sizes": _batch_sizes(self),
                 "history": copy.deepcopy(self.history), "position": self._position(), "rng": _rng_state(self.device),
                 "data": {"training": _data_state(self.training), "validation": _data_state(self.validation)},
                 "callbacks": {key: cb.state_dict() for key, cb in _stateful_callbacks(self.callbacks).items()},
                 "scaler": self.scaler.state_dict() if self.scaler is not None else None}  # "16-mixed": its scale
+
+    def _options(self) -> dict[str, Any]:
+        "The fit's options that change what a step computes: a resume must use the same ones."
+        return {"precision": self.precision, "accumulate_steps": self.accumulate_steps, "compile": self.compile}
 
     def _batch_start_rng(self) -> dict[str, torch.Tensor]:
         "The generators' state for a resume of the training phase under way; says so on the error if it cannot be exact."
@@ -861,12 +904,25 @@ class TrainingLoop:
                     "elapsed": time.perf_counter() - self._epoch_started, "phase": None}
         if self._open_phase_name is None or self._phase_start is None: return position  # its data not opened yet: redo it
         training = self._open_phase_name == Phase.training.value
+        if self._signals.broke_step:
+            raise RuntimeError("the fit was stopped by a second Ctrl-C (or SIGTERM) inside a training step, which may be "
+                               "half applied, so its state is not saved: no checkpoint is written of it and loop.resume() "
+                               "cannot continue it; resume from the last checkpoint written before it")
         position.update(phase=self._open_phase_name, batch=self._batches_done, phase_start=self._phase_start,
-                        metrics=[_metric_state(m) for m in self.metrics],
+                        metrics={m.name: _metric_state(m) for m in self.metrics},
+                        **self._data_position(training),
                         # validation draws no numbers (eval mode): the generators as they are now are its batch boundary
                         batch_rng=self._batch_start_rng() if training else None,
                         nonfinite=self._nonfinite.state_dict() if training else None)
         return position
+
+    def _data_position(self, training: bool) -> dict[str, Any]:
+        "Data that restores its own position: its state now, and the batch under way if the stop came inside one."
+        data = self.training if training else self.validation
+        if not _restores_itself(data, self._phase_start): return {}
+        inside_batch = self._batches_done == self.batch_index
+        return {"data_now": data.state_dict(), "pending_batch": self._batch if inside_batch else None,
+                "generators_now": [g.get_state() for g in _data_generators(data)]}
 
     def _start_run(self, resume_from: str | os.PathLike | dict | None, fit_callbacks: list[Any]) -> None:
         "A new run's bookkeeping; to continue one, its weights, history, position and callback states put back."
@@ -893,6 +949,7 @@ class TrainingLoop:
         self._resume = resume_from
 
     def _check_state_fits(self, state: dict[str, Any], source: str) -> None:
+        self._check_same_set_up(state, source)
         if "model" in state:
             ours, theirs = self.model.state_dict(), state["model"]
             missing, unexpected = sorted(set(ours) - set(theirs)), sorted(set(theirs) - set(ours))
@@ -909,6 +966,38 @@ class TrainingLoop:
             if saved != ours:
                 raise _resume_error(f"{source} holds an optimizer with parameter groups of {saved} tensors, but this one has "
                                     f"{ours}; nothing was loaded. Build the optimizer as the run that wrote it did")
+
+    def _check_same_set_up(self, state: dict[str, Any], source: str) -> None:
+        "Options, optimizer, batch sizes, metrics and length as the run had them: anything else would resume silently wrong."
+        saved = state.get("options", {})
+        changed = [f"{k}: the run used {saved[k]!r}, this fit asks for {v!r}" for k, v in self._options().items()
+                   if k in saved and saved[k] != v]
+        if changed:
+            raise _resume_error(f"{source} was written by a run with other fit options ({'; '.join(changed)}); nothing was "
+                                "loaded. Pass the run's own options to fit (loop.resume() uses them by itself)")
+        theirs, ours = state.get("optimizer_class"), type(self.optimizer).__qualname__
+        if theirs is not None and theirs != ours:
+            raise _resume_error(f"{source} holds the state of a {theirs} optimizer, but this loop's is a {ours}; nothing "
+                                f"was loaded. Build the optimizer as the run that wrote it did")
+        for which, size in _batch_sizes(self).items():
+            before = state.get("batch_sizes", {}).get(which)
+            if before is not None and size is not None and before != size:
+                raise _resume_error(f"{source} was written by a run with {which} batches of {before} samples, but this "
+                                    f"{which} data has batch_size={size}; nothing was loaded. Resuming at another batch "
+                                    f"size would train on other samples: use batch_size={before}, or start a new run")
+        position = state["position"]
+        if position.get("phase") is not None:
+            names, saved_names = [m.name for m in self.metrics], list(position["metrics"])
+            new, gone = [n for n in names if n not in saved_names], [n for n in saved_names if n not in names]
+            if new or gone:
+                raise _resume_error(f"{source} stopped inside a phase whose metric sums are {saved_names}, but this loop's "
+                                    f"metrics are {names} (new: {new}, gone: {gone}); nothing was loaded. Resume with "
+                                    "the run's metrics")
+        reached = position["epoch"] + (position["record"] is not None)  # epochs finished or started
+        if reached > self.epoch_count:
+            raise _resume_error(f"{source} is {'inside' if position['record'] is not None else 'after'} epoch "
+                                f"{reached} of its run, past the {self.epoch_count} epochs this fit asks for; nothing "
+                                "was loaded. Ask for at least as many epochs as the run has reached, or start a new run")
 
     def _first_epoch(self) -> int:
         if self._resume is None: return 0
@@ -938,7 +1027,7 @@ class TrainingLoop:
         if phase is Phase.training: self._nonfinite.start()
         position = self._resuming_phase()
         if position is None: return
-        for metric, saved in zip(self.metrics, position["metrics"]): _load_metric_state(metric, saved, self.device)
+        for metric in self.metrics: _load_metric_state(metric, position["metrics"][metric.name], self.device)
         if position["nonfinite"] is not None: self._nonfinite.load_state_dict(position["nonfinite"], self.device)
 
     def _close_phase(self, phase: Phase, record: dict) -> None:
@@ -961,10 +1050,16 @@ class TrainingLoop:
         if position is not None: _restore_phase_start(data, position["phase_start"], self.device)
         self._phase_start = _phase_start_state(data, self.device)  # once per phase: the generators before iter()
         done = skip = position["batch"] if position is not None else 0
+        pending = None
         if done and _skips_itself(data, self._phase_start):  # TrainingEpochs starts at a batch without making the others
             data.load_state_dict({**self._phase_start["data"], "batch": done})
             skip = 0
-        batches = iter(data)
+        elif position is not None and "data_now" in position:  # its own state says where it was: nothing replayed
+            data.load_state_dict(position["data_now"])
+            skip, pending = 0, position["pending_batch"]
+        batches = iter(data) if pending is None else itertools.chain([pending], iter(data))
+        if position is not None and "data_now" in position:  # what iter() drew while putting itself back is undone
+            for generator, saved in zip(_data_generators(data), position["generators_now"]): generator.set_state(saved)
         for skipped in range(skip):  # any other iterable: draw the batches already done and drop them
             try: next(batches)
             except StopIteration:
