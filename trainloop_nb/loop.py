@@ -474,6 +474,7 @@ class TrainingLoop:
         self._disabled: set[int] = set()
         self._step_metrics: list[Metric] | None = None
         self.stop_on_nonfinite = bool(stop_on_nonfinite)
+        self.stop_training = False  # a callback sets it to end the fit after the current epoch (Keras' name)
         self._init_run_state()
 
     # -- state a callback reads ------------------------------------------------------------------
@@ -565,6 +566,7 @@ class TrainingLoop:
         _set_adding(self.metrics, any(getattr(cb, "reads_metrics_every_batch", False) for cb in self.callbacks))
         self.history, self._step_metrics = [], None
         self.epoch_count, self.epoch_index, self.step, self.exception = epochs, 0, 0, None
+        self.stop_training = False
         # Before the first phase starts, batch_count describes the training data (stale values would mislead).
         self.phase, self.batch_index, self.batch_count = None, 0, _length(self.training)
         self._start_run(resume_from, list(callbacks))  # a resumed run is put back here, before fit_start
@@ -583,6 +585,7 @@ class TrainingLoop:
 
     def _epochs(self) -> None:
         for self.epoch_index in range(self._first_epoch(), self.epoch_count):
+            if self.stop_training: break  # asked for at fit_start or at the last epoch_end, after all its handlers ran
             record, started = self._open_epoch()  # {"epoch": n} and now, or what the resumed epoch already had
             def finish(): 
                 self.history.append({**record, "time": time.perf_counter() - started})
