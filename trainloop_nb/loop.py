@@ -584,13 +584,14 @@ class TrainingLoop:
         return self.history
 
     def _epochs(self) -> None:
+        if self.stop_training: return  # set at fit_start: a resumed run that had already stopped
         for self.epoch_index in range(self._first_epoch(), self.epoch_count):
-            if self.stop_training: break  # asked for at fit_start or at the last epoch_end, after all its handlers ran
             record, started = self._open_epoch()  # {"epoch": n} and now, or what the resumed epoch already had
             def finish(): 
                 self.history.append({**record, "time": time.perf_counter() - started})
                 self._epoch_record = None
             self._with_events(Event.epoch_start, partial(self._phases, record), Event.epoch_end, CancelEpoch, finish=finish)
+            if self.stop_training: break  # a callback asked for it: every epoch_end handler has run
 
     def _phases(self, record: dict) -> None:
         if Phase.training not in self._phases_done: self._phase(Phase.training, self.training, record)

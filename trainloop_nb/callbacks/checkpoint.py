@@ -318,7 +318,7 @@ _TEMPORARY_FILE = re.compile(r"\.(step-\d{8,}|best)\.pt\..+\.tmp")
 def _not_finite(model: torch.nn.Module, training_loss: float | None) -> str | None:
     "Why a state must not become a checkpoint: the training loss so far or a weight not finite; None if both are."
     if training_loss is not None and not math.isfinite(training_loss):
-        return f"the training loss of this epoch so far is {training_loss}"
+        return f"the training loss of this epoch so far is not finite ({training_loss})"
     tensors = [t for t in (*model.parameters(), *model.buffers()) if t.is_floating_point() or t.is_complex()]
     if not tensors: return None
     device = tensors[0].device
@@ -352,7 +352,7 @@ class Checkpoint(Callback):
 
     def fit_start(self, loop) -> None:
         if not self._resuming: self.best = None  # each fit is a new run; a state loaded to resume it is kept
-        self._resuming, self._step_seen, self._warned, self._training_counted = False, loop.step, False, False
+        self._resuming, self._step_seen, self._warned, self._counted_epoch = False, loop.step, False, None
         if not self._writes(loop): return
         if not callable(getattr(loop, "state_dict", None)):
             raise TypeError(f"Checkpoint saves loop.state_dict(), which {type(loop).__name__} does not have")
@@ -365,11 +365,9 @@ class Checkpoint(Callback):
         for path in self.directory.glob(".*.tmp"):  # left by a writer that was killed: no one else writes here now
             if _TEMPORARY_FILE.fullmatch(path.name): path.unlink(missing_ok=True)
 
-    def training_start(self, loop) -> None: self._training_counted = False
-
     def batch_end(self, loop) -> None:
         if loop.phase != "training": return
-        if loop.last_step_loss is not None: self._training_counted = True  # the phase's mean loss now means something
+        if loop.last_step_loss is not None: self._counted_epoch = loop.epoch_index  # its mean loss now means something
         if self.every_steps is None: return
         stepped, self._step_seen = loop.step != self._step_seen, loop.step
         if stepped and loop.step % self.every_steps == 0 and self._writes(loop) and self._state_is_good(loop):
@@ -398,7 +396,8 @@ class Checkpoint(Callback):
 
     def _training_loss(self, loop) -> float | None:
         "The epoch's mean training loss so far (a wait for the device), or None before any training batch counted."
-        if loop.phase == "training": return loop.last_stats.get("loss") if self._training_counted else None
+        if loop.phase == "training":  # (an empty phase's mean is nan: no batch of this epoch has been counted yet)
+            return loop.last_stats.get("loss") if self._counted_epoch == loop.epoch_index else None
         record = loop.history[-1] if loop.history else {}  # after training: this epoch's record, at its epoch_end
         return record.get("train_loss") if record.get("epoch") == loop.epoch_index + 1 else None
 
