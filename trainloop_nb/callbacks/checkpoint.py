@@ -88,6 +88,58 @@ def _fsync_directory(directory: Path) -> None:
     except OSError: pass  # some network file systems refuse to fsync a directory; the rename has happened
     finally: os.close(fd)
 
+# %% ../../nbs/18_callbacks.checkpoint.ipynb #753d7f97
+# What torch.load(weights_only=True) reads back: these exact types (a subclass is pickled by its own class name).
+_PLAIN_TYPES = (type(None), bool, int, float, complex, str, bytes, bytearray,
+                torch.Size, torch.dtype, torch.device, torch.layout)
+_DICT_TYPES = (dict, collections.OrderedDict, collections.Counter)
+_SEQUENCE_TYPES = (list, tuple, set)
+
+def _first_unloadable(value: Any) -> tuple[str, type] | None:
+    "Where in `value` (as `['key'][0]`) the first thing that torch.load(weights_only=True) refuses is, and its type."
+    kind = type(value)
+    if kind in _PLAIN_TYPES or isinstance(value, torch.Tensor): return None
+    np = sys.modules.get("numpy")  # a numpy value exists only once numpy is imported
+    if np is not None and kind is np.ndarray:  # numbers; an array of dtype object holds Python objects: look at them
+        return _first_unloadable(value.ravel().tolist()) if value.dtype.hasobject else None
+    if np is not None and isinstance(value, (np.generic, np.dtype)): return None
+    if kind in _DICT_TYPES:
+        for key, item in value.items():
+            if _first_unloadable(key) is not None: return f" (the key {key!r})", type(key)
+            found = _first_unloadable(item)
+            if found is not None: return f"[{key!r}]{found[0]}", found[1]
+        return None
+    if kind in _SEQUENCE_TYPES:
+        for index, item in enumerate(value):
+            found = _first_unloadable(item)
+            if found is not None: return f"[{index}]{found[0]}", found[1]
+        return None
+    return "", kind
+
+def _type_name(kind: type) -> str:
+    return kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
+
+_LOADABLE = ("A checkpoint may hold tensors, numbers, str, bool, None, lists, tuples and dicts of them, "
+             "and numpy arrays (as in the RNG states)")
+
+def _check_loadable(state: dict[str, Any], path: Path) -> None:
+    "A TypeError, before anything is written, naming a value in `state` that a checkpoint could not load back."
+    callbacks = state.get("callbacks") if isinstance(state.get("callbacks"), dict) else {}
+    for key, callback_state in callbacks.items():
+        found = _first_unloadable(callback_state)
+        if found is None: continue
+        where, kind, owner = found[0], _type_name(found[1]), str(key).split("#")[0]
+        raise TypeError(f"cannot save the checkpoint {path}: the state of the callback {key!r} holds a {kind} at "
+                        f"state['callbacks'][{key!r}]{where}, which torch.load(weights_only=True) refuses, so the "
+                        f"checkpoint could never be loaded. {_LOADABLE}: have {owner}.state_dict() store it as one of "
+                        "those (a str or float for a time or a Path, its .value for an enum, a list for a deque) "
+                        "and load_state_dict() turn it back")
+    found = _first_unloadable({k: v for k, v in state.items() if k != "callbacks"})
+    if found is not None:
+        raise TypeError(f"cannot save the checkpoint {path}: state{found[0]} is a {_type_name(found[1])}, which "
+                        f"torch.load(weights_only=True) refuses, so the checkpoint could never be loaded. {_LOADABLE}; "
+                        "store it as one of those")
+
 # %% ../../nbs/18_callbacks.checkpoint.ipynb #a907294b
 def _numpy_safe_globals() -> list:
     # numpy arrays and scalars (numpy's RNG state holds one) are plain data; weights_only refuses them unless named.
@@ -161,58 +213,6 @@ def _why_no_trailer(path: Path, head: bytes, trailer: bytes) -> str:
                 "plain torch.save); load it with torch.load, or resume from a file a Checkpoint callback wrote")
     return (f"{path} is truncated: it ends before its last record (a copy or save cut short); "
             "load an earlier checkpoint instead")
-
-# %% ../../nbs/18_callbacks.checkpoint.ipynb #753d7f97
-# What torch.load(weights_only=True) reads back: these exact types (a subclass is pickled by its own class name).
-_PLAIN_TYPES = (type(None), bool, int, float, complex, str, bytes, bytearray,
-                torch.Size, torch.dtype, torch.device, torch.layout)
-_DICT_TYPES = (dict, collections.OrderedDict, collections.Counter)
-_SEQUENCE_TYPES = (list, tuple, set)
-
-def _first_unloadable(value: Any) -> tuple[str, type] | None:
-    "Where in `value` (as `['key'][0]`) the first thing that torch.load(weights_only=True) refuses is, and its type."
-    kind = type(value)
-    if kind in _PLAIN_TYPES or isinstance(value, torch.Tensor): return None
-    np = sys.modules.get("numpy")  # a numpy value exists only once numpy is imported
-    if np is not None and kind is np.ndarray:  # numbers; an array of dtype object holds Python objects: look at them
-        return _first_unloadable(value.ravel().tolist()) if value.dtype.hasobject else None
-    if np is not None and isinstance(value, (np.generic, np.dtype)): return None
-    if kind in _DICT_TYPES:
-        for key, item in value.items():
-            if _first_unloadable(key) is not None: return f" (the key {key!r})", type(key)
-            found = _first_unloadable(item)
-            if found is not None: return f"[{key!r}]{found[0]}", found[1]
-        return None
-    if kind in _SEQUENCE_TYPES:
-        for index, item in enumerate(value):
-            found = _first_unloadable(item)
-            if found is not None: return f"[{index}]{found[0]}", found[1]
-        return None
-    return "", kind
-
-def _type_name(kind: type) -> str:
-    return kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
-
-_LOADABLE = ("A checkpoint may hold tensors, numbers, str, bool, None, lists, tuples and dicts of them, "
-             "and numpy arrays (as in the RNG states)")
-
-def _check_loadable(state: dict[str, Any], path: Path) -> None:
-    "A TypeError, before anything is written, naming a value in `state` that a checkpoint could not load back."
-    callbacks = state.get("callbacks") if isinstance(state.get("callbacks"), dict) else {}
-    for key, callback_state in callbacks.items():
-        found = _first_unloadable(callback_state)
-        if found is None: continue
-        where, kind, owner = found[0], _type_name(found[1]), str(key).split("#")[0]
-        raise TypeError(f"cannot save the checkpoint {path}: the state of the callback {key!r} holds a {kind} at "
-                        f"state['callbacks'][{key!r}]{where}, which torch.load(weights_only=True) refuses, so the "
-                        f"checkpoint could never be loaded. {_LOADABLE}: have {owner}.state_dict() store it as one of "
-                        "those (a str or float for a time or a Path, its .value for an enum, a list for a deque) "
-                        "and load_state_dict() turn it back")
-    found = _first_unloadable({k: v for k, v in state.items() if k != "callbacks"})
-    if found is not None:
-        raise TypeError(f"cannot save the checkpoint {path}: state{found[0]} is a {_type_name(found[1])}, which "
-                        f"torch.load(weights_only=True) refuses, so the checkpoint could never be loaded. {_LOADABLE}; "
-                        "store it as one of those")
 
 # %% ../../nbs/18_callbacks.checkpoint.ipynb #6a236b8d
 _STEP_FILE = re.compile(r"step-(\d{8,})\.pt")
