@@ -304,7 +304,11 @@ def _lock_directory(directory: Path) -> tuple[Path, dict]:
                           stacklevel=3)
             _remove_stale_lock(lock, owner)
             continue
-        with os.fdopen(fd, "w", encoding="utf-8") as file: json.dump(me, file)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as file: json.dump(me, file)
+        except BaseException:  # a lock no one can read would block the folder until deleted by hand
+            lock.unlink(missing_ok=True)
+            raise
         return lock, me
     raise _locked_error(directory, lock, _lock_owner(lock))
 
