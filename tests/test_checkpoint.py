@@ -500,7 +500,8 @@ loop.fit(model, epochs=1, device="cpu")
 
 
 def test_a_second_process_is_refused_and_its_temporary_files_are_left_alone(tmp_path):
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")])}
+    package_root = os.path.dirname(os.path.dirname(os.path.dirname(ckpt.__file__)))  # the trainloop_nb this test imports
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([package_root, os.environ.get("PYTHONPATH", "")])}
     holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(tmp_path)], stdin=subprocess.PIPE,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
