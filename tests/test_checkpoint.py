@@ -1,9 +1,23 @@
 """Checkpoint files and the Checkpoint callback: atomic writes under failure, pruning, best.pt, and refusing bad files."""
 from __future__ import annotations
 
+import collections
+import datetime
+import enum
+import errno
 import fractions
+import hashlib
+import io
+import json
+import math
 import os
+import pathlib
 import random
+import re
+import socket
+import subprocess
+import sys
+import warnings
 import zipfile
 
 import numpy as np
@@ -30,12 +44,12 @@ class LoopWithState(TrainingLoop):
                 "callbacks": {type(cb).__name__: cb.state_dict() for cb in self.callbacks if hasattr(cb, "state_dict")}}
 
 
-def make_loop(callbacks=(), seed=0, loop_class=LoopWithState):
+def make_loop(callbacks=(), seed=0, loop_class=LoopWithState, model=None):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(96, 6, generator=g)
     y = (x @ torch.randn(6, 3, generator=g)).argmax(1)
     torch.manual_seed(seed)
-    model = torch.nn.Linear(6, 3)
+    model = torch.nn.Linear(6, 3) if model is None else model
     loop = loop_class(TrainingEpochs((x[:64], y[:64]), batch_size=64 // STEPS_PER_EPOCH),
                       ValidationBatches((x[64:], y[64:]), batch_size=16), torch.optim.Adam(model.parameters(), lr=0.05),
                       metrics=["accuracy"], callbacks=[ProgressPrinter(mode="plain", file=open(os.devnull, "w")), *callbacks])
@@ -89,6 +103,39 @@ def test_failure_during_save_leaves_no_partial_file(tmp_path, monkeypatch, error
     with pytest.raises(type(error)): save_checkpoint({"version": "new"}, tmp_path / "step-00000006.pt")
     assert sorted(os.listdir(tmp_path)) == ["step-00000005.pt"]  # no temporary file, no new name
     assert target.read_bytes() == before and load_checkpoint(target) == {"version": "old"}
+
+
+class FullAfter:
+    "A file that takes `room` bytes and then fails as a full disk does."
+    def __init__(self, file, room): self.file, self.room = file, room
+    def write(self, data):
+        if len(data) > self.room: raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self.room -= len(data)
+        return self.file.write(data)
+    def __getattr__(self, name): return getattr(self.file, name)
+    def __enter__(self): return self
+    def __exit__(self, *exc): self.file.close()
+
+
+@pytest.mark.parametrize("disk", ["/dev/full", "a write that fails"])
+def test_a_full_disk_says_so_and_names_the_file(tmp_path, monkeypatch, disk):
+    target = tmp_path / "step-00000005.pt"
+    save_checkpoint({"version": "old"}, target)
+    real_fdopen = os.fdopen
+    if disk == "/dev/full":  # the kernel's own ENOSPC, met by torch.save's writer as on a full disk
+        if not os.path.exists(disk): pytest.skip("no /dev/full on this system")
+        def fdopen(fd, mode):
+            os.close(fd)
+            return open(disk, mode)
+    else:
+        def fdopen(fd, mode): return FullAfter(real_fdopen(fd, mode), room=1000)
+    monkeypatch.setattr(os, "fdopen", fdopen)
+    with pytest.raises(OSError) as info: save_checkpoint({"model": torch.nn.Linear(50, 50).state_dict()}, target)
+    assert info.value.errno == errno.ENOSPC and "no space left on device" in str(info.value).lower()
+    assert str(target) in str(info.value)
+    monkeypatch.undo()
+    assert sorted(os.listdir(tmp_path)) == ["step-00000005.pt"]  # no temporary file; the earlier file untouched
+    assert load_checkpoint(target) == {"version": "old"}
 
 
 def test_file_is_synced_before_rename_and_directory_after(tmp_path, monkeypatch):
@@ -153,10 +200,46 @@ def test_intact_file_without_our_marker_or_from_a_newer_version(tmp_path, monkey
     assert load_checkpoint(tmp_path / "ok.pt") == {"a": 1}
 
 
+def write_unchecked(state, path):
+    "A checkpoint file as save_checkpoint wrote it before it checked what a state holds (torch.save, then the checksum)."
+    buffer = io.BytesIO()
+    torch.save({"format": ckpt.CHECKPOINT_FORMAT, "version": ckpt.CHECKPOINT_VERSION, "state": state}, buffer)
+    data = buffer.getvalue()
+    path.write_bytes(data + b"TLNB-CHECKPOINT1" + hashlib.sha256(data).digest())
+
+
 def test_objects_that_could_run_code_are_refused(tmp_path):
     # Not plain data: loading with weights_only refuses it instead of importing and calling a class.
-    save_checkpoint({"thing": fractions.Fraction(1, 3)}, tmp_path / "custom.pt")
-    with pytest.raises(CheckpointError, match=f"{tmp_path / 'custom.pt'}.*could not load"): load_checkpoint(tmp_path / "custom.pt")
+    write_unchecked({"thing": fractions.Fraction(1, 3)}, tmp_path / "custom.pt")
+    with pytest.raises(CheckpointError, match=f"{tmp_path / 'custom.pt'}.*could not load") as info:
+        load_checkpoint(tmp_path / "custom.pt")
+    assert "GLOBAL fractions.Fraction" in str(info.value)  # PyTorch's own line that names the type is kept
+
+
+class Color(enum.Enum):
+    RED = 1
+
+
+class Holding(Callback):
+    "A callback whose state holds `value`, two levels down."
+    def __init__(self, value): self.value = value
+    def state_dict(self): return {"kept": [1, {"value": self.value}]}
+    def load_state_dict(self, state): pass
+
+
+@pytest.mark.parametrize("value", [datetime.datetime(2025, 3, 1, 9, 30), pathlib.Path("run/data"), Color.RED,
+                                   collections.deque([0.5, 0.25])], ids=["datetime", "Path", "enum", "deque"])
+def test_a_state_that_could_not_be_loaded_is_refused_at_save_time(tmp_path, value):
+    kind = type(value)
+    loop, model = make_loop([Holding(value), Checkpoint(tmp_path, every_steps=1)], loop_class=TrainingLoop)
+    with pytest.raises(TypeError) as info: loop.fit(model, epochs=1, device="cpu")
+    message = str(info.value)
+    assert f"callback 'Holding'" in message and "state['callbacks']['Holding']['kept'][1]['value']" in message
+    assert f"{kind.__module__}.{kind.__qualname__}" in message and "weights_only=True" in message
+    assert "tensors, numbers, str, bool, None, lists, tuples and dicts of them, and numpy arrays" in message
+    assert os.listdir(tmp_path) == []  # nothing written, no temporary file, the lock let go
+    fine = {"fine": [np.arange(3), np.float64(0.5), {"a": (None, True, b"x", 2.5j)}, torch.Size([2]), torch.float16]}
+    assert str(load_checkpoint(save_checkpoint(fine, tmp_path / "ok.pt"))) == str(fine)  # what loads is not refused
 
 
 def test_missing_file_and_empty_directory(tmp_path):
@@ -261,7 +344,7 @@ def test_interrupt_writes_the_last_completed_step(tmp_path, error):
 def test_other_errors_write_nothing_extra(tmp_path):
     loop, model = make_loop([Checkpoint(tmp_path), Interrupt(step=6, error=lambda: RuntimeError("bug"))])
     with pytest.raises(RuntimeError, match="bug"): loop.fit(model, epochs=3, device="cpu")
-    assert steps_in(tmp_path) == [4]
+    assert steps_in(tmp_path) == [4] and not (tmp_path / ".lock").exists()  # let go of after an error too
 
 
 def test_only_rank_zero_writes(tmp_path):
@@ -279,7 +362,7 @@ def test_refuses_a_directory_with_newer_checkpoints(tmp_path):
     loop, model = make_loop([Checkpoint(tmp_path)])
     with pytest.raises(ValueError, match=r"up to step-00000008.pt, past step 0.*resume_from=.*delete them"):
         loop.fit(model, epochs=1, device="cpu")
-    assert steps_in(tmp_path) == [4, 8]  # untouched
+    assert steps_in(tmp_path) == [4, 8] and not (tmp_path / ".lock").exists()  # untouched; let go of
 
 
 def test_leftover_temporary_files_are_cleaned_at_fit_start(tmp_path):
@@ -318,6 +401,7 @@ def test_resumed_state_keeps_best(tmp_path):
 
 
 @pytest.mark.parametrize("kwargs,error,match", [
+    (dict(every_epochs=None), ValueError, r"would never write.*every_epochs=N.*every_steps=N.*monitor="),
     (dict(every_steps=0), ValueError, "every_steps"), (dict(every_steps=2.5), ValueError, "every_steps"),
     (dict(every_epochs=0), ValueError, "every_epochs"), (dict(every_epochs=True), ValueError, "every_epochs"),
     (dict(keep_last=0), ValueError, "keep_last"), (dict(keep_last=-2), ValueError, "keep_last"),
@@ -331,3 +415,147 @@ def test_bad_arguments(tmp_path, kwargs, error, match):
 def test_directory_that_is_a_file(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(ValueError, match="is a file"): Checkpoint(tmp_path / "file")
+
+
+# -- never only bad checkpoints ------------------------------------------------------------------------
+
+class NanFrom(torch.nn.Linear):
+    "A linear layer whose training output is nan from the batch that makes step `step` on, as in a diverging run."
+    def __init__(self, step):
+        super().__init__(6, 3)
+        self.step, self.calls = step, 0
+    def forward(self, x):
+        if self.training: self.calls += 1
+        output = super().forward(x)
+        return output * math.nan if self.training and self.calls >= self.step else output
+
+
+def test_a_nonfinite_loss_never_leaves_only_bad_checkpoints(tmp_path):
+    # The loss is nan from step 5 on (epoch 2); the loop stops at the end of epoch 2's training. Saving every 2
+    # steps and keeping 2, steps 6 and 8 would have pruned 2 and 4 and left only nan weights.
+    torch.manual_seed(0)
+    loop, model = make_loop([Checkpoint(tmp_path, every_steps=2, keep_last=2)], model=NanFrom(step=5),
+                            loop_class=TrainingLoop)
+    with pytest.warns(UserWarning, match="wrote nothing at step 6: .*not .*finite") as warned:
+        with pytest.raises(FloatingPointError, match="step 5"): loop.fit(model, epochs=3, device="cpu")
+    assert len([w for w in warned if "wrote nothing" in str(w.message)]) == 1  # said once
+    assert not all(p.isfinite().all() for p in model.parameters())  # the run itself did go bad
+    newest = load_checkpoint(tmp_path)
+    assert newest["step"] == 4 and steps_in(tmp_path) == [2, 4]  # from before the first non-finite step
+    assert all(t.isfinite().all() for t in newest["model"].values())
+
+
+@pytest.mark.parametrize("event", ["epoch_start", "training_start"])
+def test_a_stop_before_the_epoch_has_a_training_loss_still_writes_its_checkpoint(tmp_path, event):
+    # The training metrics of epoch 2 are empty there (their mean is nan): that is no reason to skip the save.
+    def stop(loop, at):
+        if at == event and loop.epoch_index == 1: raise KeyboardInterrupt
+    loop, model = make_loop([stop, Checkpoint(tmp_path, every_steps=3, every_epochs=None, keep_last=None)],
+                            loop_class=TrainingLoop)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="Checkpoint wrote nothing")  # no such warning either
+        with pytest.raises(KeyboardInterrupt): loop.fit(model, epochs=2, device="cpu")
+    assert steps_in(tmp_path) == [3, 4] and load_checkpoint(tmp_path)["step"] == 4
+
+
+# -- one writer per directory ------------------------------------------------------------------------------
+
+def test_a_second_loop_writing_to_the_same_directory_is_refused(tmp_path):
+    second = {}
+
+    class StartAnother(Callback):
+        "At the first batch of this fit (nothing saved yet), starts a second fit writing to the same directory."
+        def batch_start(self, loop):
+            if loop.step == 0 and "error" not in second:
+                other, other_model = make_loop([Checkpoint(tmp_path)], seed=1)
+                try: other.fit(other_model, epochs=1, device="cpu")
+                except RuntimeError as error: second["error"] = error
+                else: second["error"] = None
+    loop, model = make_loop([StartAnother(), Checkpoint(tmp_path, keep_last=None)])
+    loop.fit(model, epochs=2, device="cpu")
+    message = str(second["error"])
+    assert f"pid {os.getpid()} on host {socket.gethostname()}" in message and "this process" in message
+    assert "since" in message and str(tmp_path / ".lock") in message and "another directory" in message
+    assert steps_in(tmp_path) == [4, 8] and not (tmp_path / ".lock").exists()
+    newest = load_checkpoint(tmp_path)  # the first loop's own, untouched by the second
+    assert all(torch.equal(v, newest["model"][k]) for k, v in model.state_dict().items())
+
+
+HOLDER = """
+import sys
+import torch
+from trainloop_nb.callbacks.checkpoint import Checkpoint
+from trainloop_nb.loop import TrainingLoop
+
+def hold(loop, event):  # at the first batch, with the directory locked: wait for the test to say go on
+    if event == "batch_start" and loop.step == 0:
+        print("holding", flush=True)
+        sys.stdin.readline()
+
+model = torch.nn.Linear(3, 2)
+loop = TrainingLoop([(torch.randn(8, 3), torch.randint(0, 2, (8,)))], optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                    callbacks=[hold, Checkpoint(sys.argv[1])], include_default_callbacks=False)
+loop.fit(model, epochs=1, device="cpu")
+"""
+
+
+def test_a_second_process_is_refused_and_its_temporary_files_are_left_alone(tmp_path):
+    package_root = os.path.dirname(os.path.dirname(os.path.dirname(ckpt.__file__)))  # the trainloop_nb this test imports
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([package_root, os.environ.get("PYTHONPATH", "")])}
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(tmp_path)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        assert holder.stdout.readline() == "holding\n", holder.stderr.read()
+        in_flight = tmp_path / ".step-00000001.pt.x1y2z3.tmp"  # as if the holder were saving right now
+        in_flight.write_bytes(b"half")
+        loop, model = make_loop([Checkpoint(tmp_path)])
+        host = re.escape(socket.gethostname())
+        with pytest.raises(RuntimeError, match=rf"in use.*pid {holder.pid} on host {host}, since .*delete"):
+            loop.fit(model, epochs=1, device="cpu")
+        assert in_flight.exists() and (tmp_path / ".lock").exists()  # the other writer's files are left alone
+        out, err = holder.communicate("go on\n", timeout=300)
+        assert holder.returncode == 0, err
+    finally:
+        if holder.poll() is None: holder.kill()
+    assert not (tmp_path / ".lock").exists() and steps_in(tmp_path) == [1]
+    (tmp_path / "step-00000001.pt").unlink()
+    loop, model = make_loop([Checkpoint(tmp_path)])
+    loop.fit(model, epochs=1, device="cpu")  # free again: this fit takes the directory and clears what was left
+    assert sorted(os.listdir(tmp_path)) == ["step-00000004.pt"]
+
+
+def test_a_lock_left_by_a_killed_process_is_taken_over_with_a_warning(tmp_path):
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # its pid now names no process
+    lock = {"pid": gone.pid, "host": socket.gethostname(), "since": "2025-03-01T09:30:00+00:00"}
+    (tmp_path / ".lock").write_text(json.dumps(lock))
+    loop, model = make_loop([Checkpoint(tmp_path)])
+    with pytest.warns(UserWarning, match=rf"left by pid {gone.pid} on this host.*no longer runs"):
+        loop.fit(model, epochs=1, device="cpu")
+    assert sorted(os.listdir(tmp_path)) == ["step-00000004.pt"]
+
+
+def test_a_lock_from_another_host_is_never_taken_over(tmp_path):
+    lock = {"pid": 1, "host": "node-7.elsewhere", "since": "2025-03-01T09:30:00+00:00"}
+    (tmp_path / ".lock").write_text(json.dumps(lock))
+    loop, model = make_loop([Checkpoint(tmp_path)])
+    with pytest.raises(RuntimeError, match=r"pid 1 on host node-7.elsewhere, since 2025-03-01T09:30:00"):
+        loop.fit(model, epochs=1, device="cpu")
+    assert json.loads((tmp_path / ".lock").read_text()) == lock and steps_in(tmp_path) == []
+
+
+# -- early stopping: the stopping epoch is saved, and that run is finished ------------------------------------
+
+def test_the_epoch_where_early_stopping_stops_is_checkpointed_and_resumes_finished(tmp_path):
+    values = [1.0, 0.5, 0.6, 0.7, 0.8, 0.9]  # patience 2: stops at the end of epoch 4
+    loop, model = make_loop([Inject("valid_loss", values), EarlyStopping(patience=2), Checkpoint(tmp_path, keep_last=None)],
+                            loop_class=TrainingLoop)
+    history = loop.fit(model, epochs=6, device="cpu")
+    assert len(history) == 4 and steps_in(tmp_path) == [4, 8, 12, 16]
+    state = load_checkpoint(tmp_path)
+    assert state["step"] == 16 and state["callbacks"]["EarlyStopping"]["stopped_epoch"] == 4
+    resumed_loop, resumed_model = make_loop([EarlyStopping(patience=2), Checkpoint(tmp_path, keep_last=None)], seed=1,
+                                            loop_class=TrainingLoop)
+    resumed = resumed_loop.fit(resumed_model, epochs=6, device="cpu", resume_from=tmp_path)
+    assert resumed == history and resumed_loop.step == 16 and steps_in(tmp_path) == [4, 8, 12, 16]  # no further epoch
+    assert all(torch.equal(v, resumed_model.state_dict()[k]) for k, v in model.state_dict().items())  # epoch 2's weights

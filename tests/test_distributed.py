@@ -96,7 +96,7 @@ def test_one_progress_table_and_one_csv(two_ranks):
     assert sum(line.startswith("epoch ") for line in lines) == 1, run.stdout
     assert [line.split()[0] for line in lines if line[:1].isdigit()] == ["1", "2"]
     rows = (out / "log.csv").read_text().splitlines()
-    assert rows[0] == "epoch,batch,phase,loss,accuracy,mcc" and rows.count(rows[0]) == 1
+    assert rows[0] == "epoch,batch,phase,rank0_loss,rank0_accuracy,rank0_mcc" and rows.count(rows[0]) == 1
     # rank 0's rows only: 9 training batches and 3 of the 5 validation batches (rank 1 has the other 2) per epoch
     assert len(rows) == 1 + script.EPOCHS * (9 + 3)
     assert sorted(p.name for p in out.iterdir()) == ["log.csv", "rank0.json", "rank1.json", "result.pt"]

@@ -118,6 +118,23 @@ def test_stop_is_at_epoch_end_and_later_epochs_do_not_start():
     assert [e for e in events if e[1] == "epoch_start"] == [(0, "epoch_start"), (1, "epoch_start")]
 
 
+def test_stop_training_ends_the_fit_after_every_epoch_end_handler_and_is_reset_by_each_fit():
+    ends = []
+    class StopOnceAt2(Callback):
+        def __init__(self): self.done = False
+        def epoch_end(self, loop):
+            if loop.epoch_index == 1 and not self.done: loop.stop_training, self.done = True, True
+    class Later(Callback):
+        order = 200  # after EarlyStopping (50) and Checkpoint (100): still sees the epoch where the fit stops
+        def epoch_end(self, loop): ends.append(loop.epoch_index + 1)
+    loop, model = make_loop([StopOnceAt2(), Later()])
+    assert loop.stop_training is False and len(loop.fit(model, epochs=4, device="cpu")) == 2 and ends == [1, 2]
+    assert len(loop.fit(model, epochs=3, device="cpu")) == 3  # a new fit starts with stop_training False
+    ends.clear()
+    loop, model = make_loop([InjectMonitored("valid_loss", [1.0, 1.0, 1.0, 1.0]), EarlyStopping(patience=1), Later()])
+    assert len(loop.fit(model, epochs=4, device="cpu")) == 2 and ends == [1, 2]
+
+
 def test_restore_best_false_keeps_last_weights():
     inject = InjectMonitored("valid_loss", [1.0, 0.5, 0.75, 0.875])
     stopper = EarlyStopping(patience=5, restore_best=False)

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import csv
+import errno
 import math
+import os
 import sys
 from datetime import datetime
 
@@ -17,7 +19,7 @@ from trainloop_nb.data import TrainingEpochs, ValidationBatches
 from trainloop_nb.callbacks.logging import CSVLogger, TensorBoardLogger
 from trainloop_nb.loop import TrainingLoop
 
-from toy_runs import toy_loop
+from toy_runs import quiet_printer, toy_data, toy_loop
 from trainloop_nb.callbacks.progress import ProgressPrinter
 
 from host_reads import count_host_reads
@@ -165,6 +167,53 @@ def test_csv_bad_path_and_nested_folder(tmp_path):
     assert path.is_file() and len(read_rows(path)) == 1 + TRAIN_BATCHES
 
 
+def test_csv_path_that_is_a_folder_or_under_a_file_is_refused_when_made(tmp_path):
+    (tmp_path / "log.csv").mkdir()
+    with pytest.raises(ValueError, match=f"{tmp_path / 'log.csv'} is a folder.*file path such as"):
+        CSVLogger(tmp_path / "log.csv")
+    (tmp_path / "run").write_text("a file where a folder should be")
+    with pytest.raises(ValueError, match=f"cannot write {tmp_path / 'run' / 'logs' / 'log.csv'}: {tmp_path / 'run'} is a file"):
+        CSVLogger(tmp_path / "run" / "logs" / "log.csv")
+
+
+def open_files():
+    "The paths this process holds open (Linux: /proc/self/fd)."
+    paths = []
+    for fd in os.listdir("/proc/self/fd"):
+        try: paths.append(os.readlink(f"/proc/self/fd/{fd}"))
+        except OSError: pass  # the listing's own descriptor, closed by now
+    return paths
+
+
+@pytest.mark.skipif(not (os.path.exists("/dev/full") and os.path.isdir("/proc/self/fd")), reason="needs /dev/full and /proc")
+def test_csv_file_is_closed_after_a_failed_write(tmp_path):
+    (tmp_path / "log.csv").symlink_to("/dev/full")  # every write fails as on a full disk (ENOSPC)
+    logger = CSVLogger(tmp_path / "log.csv")
+    loop, model = make_loop([logger])
+    with pytest.raises(OSError) as info: loop.fit(model, epochs=1, device="cpu")
+    assert info.value.errno == errno.ENOSPC  # the failure itself goes on to the user
+    assert "/dev/full" not in open_files()  # and the log's file handle is closed
+
+
+def test_csv_columns_of_a_distributed_run_say_they_hold_rank_0s_values(tmp_path):
+    class RankZeroOfTwo(TrainingLoop):  # what rank 0 of a two-process run sees, without starting one
+        rank = property(lambda self: 0, lambda self, value: None)
+        world_size = property(lambda self: 2, lambda self, value: None)
+
+    def run(loop_class, path):
+        x, y = toy_data(160, 6, 4)
+        torch.manual_seed(0)
+        model = torch.nn.Linear(6, 4)
+        loop = loop_class(TrainingEpochs((x, y), batch_size=32), optimizer=torch.optim.SGD(model.parameters(), lr=0.3),
+                          metrics=["accuracy"], callbacks=[quiet_printer(), CSVLogger(path)])
+        loop.fit(model, epochs=1, device="cpu")
+        return read_rows(path)
+    distributed, single = run(RankZeroOfTwo, tmp_path / "rank0.csv"), run(TrainingLoop, tmp_path / "single.csv")
+    assert distributed[0] == ["epoch", "batch", "phase", "rank0_loss", "rank0_accuracy"]
+    assert single[0] == ["epoch", "batch", "phase", "loss", "accuracy"] and distributed[1:] == single[1:]
+    assert list(pd.read_csv(tmp_path / "rank0.csv").columns) == distributed[0]
+
+
 def test_csv_skips_batches_cancelled_before_the_loss(tmp_path):
     path = tmp_path / "log.csv"
     class CancelSecond(Callback):
@@ -302,6 +351,13 @@ def test_tensorboard_batch_metrics_are_each_batch_own_values(tmp_path):
     plain_loop, plain_model = make_loop([plain], validation=False)
     plain_loop.fit(plain_model, device="cpu")
     assert scalars(plain.run_dir / "train", "batch_accuracy") == []
+
+
+def test_tensorboard_log_dir_that_is_a_file_is_refused_when_made(tmp_path):
+    (tmp_path / "stats").write_text("a file where a folder should be")
+    with pytest.raises(ValueError, match=f"cannot write {tmp_path / 'stats'}: {tmp_path / 'stats'} is a file, not a folder"):
+        TensorBoardLogger(tmp_path / "stats")
+    with pytest.raises(ValueError, match=f"{tmp_path / 'stats'} is a file"): TensorBoardLogger(tmp_path / "stats" / "more")
 
 
 def test_tensorboard_arguments_and_missing_package(tmp_path, monkeypatch):

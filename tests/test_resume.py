@@ -129,9 +129,9 @@ def test_interrupted_at_every_event_resumes_bitwise(reference, tmp_path):
         where = f"KeyboardInterrupt at {event.value} #{n}"
         # From the checkpoint written at fit_end, in fresh objects (as a new process would)
         directory = tmp_path / f"file{i}"
-        loop, model = build(directory, [InterruptAt(event, n), Checkpoint(directory / "checkpoints", every_epochs=None)])
+        loop, model = build(directory, [InterruptAt(event, n), Checkpoint(directory / "checkpoints")])
         with pytest.raises(KeyboardInterrupt): loop.fit(model, epochs=EPOCHS)
-        loop, model = build(directory, [Checkpoint(directory / "checkpoints", every_epochs=None)])
+        loop, model = build(directory, [Checkpoint(directory / "checkpoints")])
         torch.manual_seed(1234)  # a new process has its own seed: the checkpoint's generators replace it
         history = loop.fit(model, epochs=EPOCHS, resume_from=directory / "checkpoints")
         try: check_equal(reference, model, loop, history, directory)
@@ -267,12 +267,12 @@ def test_every_rng_is_saved_and_restored(tmp_path):
     loop.fit(model, epochs=EPOCHS)
     expected = draws.pop(id(loop))
     random.seed(0); np.random.seed(0)
-    loop, model = build(tmp_path / "b", [draw, InterruptAt(Event.epoch_end, 1), Checkpoint(tmp_path / "ck", every_epochs=None)],
+    loop, model = build(tmp_path / "b", [draw, InterruptAt(Event.epoch_end, 1), Checkpoint(tmp_path / "ck")],
                         csv=False)
     with pytest.raises(KeyboardInterrupt): loop.fit(model, epochs=EPOCHS)
     first = draws.pop(id(loop))
     random.seed(99); np.random.seed(99)
-    loop, model = build(tmp_path / "b", [draw, Checkpoint(tmp_path / "ck", every_epochs=None)], csv=False)
+    loop, model = build(tmp_path / "b", [draw, Checkpoint(tmp_path / "ck")], csv=False)
     loop.fit(model, epochs=EPOCHS, resume_from=tmp_path / "ck")
     assert first + draws[id(loop)] == expected
 
@@ -434,7 +434,7 @@ def test_a_dataloader_resumes_mid_epoch_by_skipping(tmp_path, own_generator):
         return loop, model, loop.fit(model, epochs=3, resume_from=resume_from)
     _, expected_model, expected = run([])
     with pytest.raises(KeyboardInterrupt):
-        run([InterruptAt(Event.update_start, 8), Checkpoint(tmp_path / "ck", every_epochs=None)])  # epoch 2, batch 3
+        run([InterruptAt(Event.update_start, 8), Checkpoint(tmp_path / "ck")])  # epoch 2, batch 3
     _, model, history = run([], resume_from=tmp_path / "ck")
     assert same_weights(model, expected_model.state_dict()) and without_time(history) == without_time(expected)
 
@@ -447,7 +447,7 @@ def test_training_epochs_resumes_by_position_without_making_the_batches_before(t
                 made.append(1)
                 yield batch
     x, y = toy()
-    loop, model = build(tmp_path, [InterruptAt(Event.update_start, 5), Checkpoint(tmp_path / "ck", every_epochs=None)],
+    loop, model = build(tmp_path, [InterruptAt(Event.update_start, 5), Checkpoint(tmp_path / "ck")],
                         training=Counted((x[:48], y[:48]), batch_size=16, seed=3), csv=False)
     with pytest.raises(KeyboardInterrupt): loop.fit(model, epochs=EPOCHS)  # epoch 2, in its second training batch
     state = load_checkpoint(tmp_path / "ck")
@@ -485,7 +485,7 @@ def test_scheduler_resumes_mid_warmup(tmp_path):
         except KeyboardInterrupt: pass
         return seen
     expected = rates([])
-    first = rates([InterruptAt(Event.update_start, 2), Checkpoint(tmp_path / "ck", every_epochs=None)])  # in the warm-up
+    first = rates([InterruptAt(Event.update_start, 2), Checkpoint(tmp_path / "ck")])  # in the warm-up
     rest = rates([], resume_from=tmp_path / "ck")
     assert first[:-1] + rest == expected and rest[0][0] == 1
 
@@ -506,7 +506,7 @@ def test_csv_log_cuts_rows_written_after_the_checkpoint(reference, tmp_path):
 
 
 def test_csv_log_missing_at_resume_starts_a_new_one(tmp_path):
-    loop, model = build(tmp_path, [InterruptAt(Event.epoch_end, 1), Checkpoint(tmp_path / "ck", every_epochs=None)])
+    loop, model = build(tmp_path, [InterruptAt(Event.epoch_end, 1), Checkpoint(tmp_path / "ck")])
     with pytest.raises(KeyboardInterrupt): loop.fit(model, epochs=EPOCHS)
     (tmp_path / "log.csv").unlink()
     loop, model = build(tmp_path)
@@ -538,7 +538,7 @@ def test_tensorboard_continues_the_same_run_folder_without_duplicate_steps(tmp_p
 
 
 def test_progress_printer_shows_the_epochs_before_the_stop(tmp_path):
-    loop, model = build(tmp_path, [InterruptAt(Event.batch_end, 7), Checkpoint(tmp_path / "ck", every_epochs=None)], csv=False)
+    loop, model = build(tmp_path, [InterruptAt(Event.batch_end, 7), Checkpoint(tmp_path / "ck")], csv=False)
     with pytest.raises(KeyboardInterrupt): loop.fit(model, epochs=3)
     out = io.StringIO()
     loop, model = build(tmp_path, [ProgressPrinter(mode="plain", file=out)], csv=False)
@@ -549,7 +549,7 @@ def test_progress_printer_shows_the_epochs_before_the_stop(tmp_path):
 
 
 def test_a_checkpoint_of_another_model_is_refused_and_nothing_is_loaded(tmp_path):
-    loop, model = build(tmp_path, [InterruptAt(Event.epoch_end, 1), Checkpoint(tmp_path / "ck", every_epochs=None)], csv=False)
+    loop, model = build(tmp_path, [InterruptAt(Event.epoch_end, 1), Checkpoint(tmp_path / "ck")], csv=False)
     with pytest.raises(KeyboardInterrupt): loop.fit(model, epochs=EPOCHS)
     torch.manual_seed(0)
     other = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Linear(7, 2))
@@ -563,7 +563,7 @@ def test_a_checkpoint_of_another_model_is_refused_and_nothing_is_loaded(tmp_path
 
 
 def test_state_of_a_callback_the_fit_does_not_have_is_a_warning(tmp_path):
-    loop, model = build(tmp_path, [InterruptAt(Event.epoch_end, 1), Checkpoint(tmp_path / "ck", every_epochs=None)])
+    loop, model = build(tmp_path, [InterruptAt(Event.epoch_end, 1), Checkpoint(tmp_path / "ck")])
     with pytest.raises(KeyboardInterrupt): loop.fit(model, epochs=EPOCHS)
     loop, model = build(tmp_path, csv=False)
     with pytest.warns(UserWarning, match="CSVLogger"): loop.fit(model, epochs=EPOCHS, resume_from=tmp_path / "ck")
@@ -752,7 +752,7 @@ def test_metric_sums_of_every_kind_resume_mid_phase(tmp_path):
         try: return loop.fit(model, epochs=2, resume_from=resume_from)
         except KeyboardInterrupt: return None
     expected = run()
-    run([InterruptAt(Event.inference_prediction_end, 5), Checkpoint(tmp_path / "ck", every_epochs=None)])  # mid-validation
+    run([InterruptAt(Event.inference_prediction_end, 5), Checkpoint(tmp_path / "ck")])  # mid-validation
     assert load_checkpoint(tmp_path / "ck")["position"]["phase"] == "validation"
     assert without_time(run(resume_from=tmp_path / "ck")) == without_time(expected)
 

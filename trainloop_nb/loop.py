@@ -488,6 +488,7 @@ class TrainingLoop:
         self._disabled: set[int] = set()
         self._step_metrics: list[Metric] | None = None
         self.stop_on_nonfinite = bool(stop_on_nonfinite)
+        self.stop_training = False  # a callback sets it to end the fit after the current epoch (Keras' name)
         self._init_run_state()
 
     # -- state a callback reads ------------------------------------------------------------------
@@ -579,6 +580,7 @@ class TrainingLoop:
         self._build_handlers()
         self.history, self._step_metrics = [], None
         self.epoch_count, self.epoch_index, self.step, self.exception = epochs, 0, 0, None
+        self.stop_training = False
         # Before the first phase starts, batch_count describes the training data (stale values would mislead).
         self.phase, self.batch_index, self.batch_count = None, 0, _length(self.training)
         self._start_run(resume_from, list(callbacks))  # a resumed run is put back here, before fit_start
@@ -596,12 +598,14 @@ class TrainingLoop:
         return self.history
 
     def _epochs(self) -> None:
+        if self.stop_training: return  # set at fit_start: a resumed run that had already stopped
         for self.epoch_index in range(self._first_epoch(), self.epoch_count):
             record, started = self._open_epoch()  # {"epoch": n} and now, or what the resumed epoch already had
             def finish(): 
                 self.history.append({**record, "time": time.perf_counter() - started})
                 self._epoch_record = None
             self._with_events(Event.epoch_start, partial(self._phases, record), Event.epoch_end, CancelEpoch, finish=finish)
+            if self.stop_training: break  # a callback asked for it: every epoch_end handler has run
 
     def _phases(self, record: dict) -> None:
         if Phase.training not in self._phases_done: self._phase(Phase.training, self.training, record)

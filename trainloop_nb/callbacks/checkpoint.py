@@ -5,10 +5,18 @@
 # %% ../../nbs/18_callbacks.checkpoint.ipynb #e7789659
 from __future__ import annotations
 
+import collections
+import errno
 import hashlib
+import json
+import math
 import os
 import re
+import socket
+import sys
 import tempfile
+import warnings
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -32,18 +40,23 @@ class CheckpointError(ValueError):
 
 class _HashingWriter:
     "Passes writes through to a file and hashes them on the way, so the checksum needs no second read."
-    def __init__(self, file): self.file, self.sha256 = file, hashlib.sha256()
+    def __init__(self, file): self.file, self.sha256, self.error = file, hashlib.sha256(), None
     def write(self, data) -> int:
         self.sha256.update(data)
-        return self.file.write(data)
+        try: return self.file.write(data)
+        except OSError as error:  # torch.save reports it as "unexpected pos": keep the real cause (a full disk?)
+            self.error = error
+            raise
     def flush(self) -> None: self.file.flush()
 
 def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> Path:
     "Write `state` to `path` atomically and durably: a temporary file beside it, fsync, rename, fsync of the folder."
     if not isinstance(state, dict): raise TypeError(f"a checkpoint holds a state dict, got {type(state).__name__}")
     path = Path(path)
+    _check_loadable(state, path)  # a file that could never be loaded is not written at all
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    writer = None
     try:
         with os.fdopen(fd, "wb") as file:
             writer = _HashingWriter(file)
@@ -52,12 +65,21 @@ def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> Path:
             file.flush()
             os.fsync(file.fileno())  # the bytes are on disk before any name points at them
         os.replace(temporary, path)
-    except BaseException:  # also Ctrl-C: no temporary file is left behind
+    except BaseException as error:  # also Ctrl-C: no temporary file is left behind
         try: os.unlink(temporary)
         except FileNotFoundError: pass
+        if _out_of_space(error, writer):
+            raise OSError(errno.ENOSPC, f"no space left on device while saving the checkpoint {path} (nothing was "
+                          "written: its temporary file is removed and earlier checkpoints are untouched); free space "
+                          "on that disk, or give Checkpoint a directory on another one", str(path)) from error
         raise
     _fsync_directory(path.parent)  # makes the rename itself survive a power cut
     return path
+
+def _out_of_space(error: BaseException, writer: _HashingWriter | None) -> bool:
+    "Whether a save failed for a full disk: ENOSPC from a write, a flush or fsync (torch.save's own error hides it)."
+    cause = writer.error if writer is not None and writer.error is not None else error
+    return isinstance(cause, OSError) and cause.errno == errno.ENOSPC
 
 def _fsync_directory(directory: Path) -> None:
     if os.name != "posix": return  # Windows cannot open a directory; its rename is durable enough for NTFS
@@ -65,6 +87,58 @@ def _fsync_directory(directory: Path) -> None:
     try: os.fsync(fd)
     except OSError: pass  # some network file systems refuse to fsync a directory; the rename has happened
     finally: os.close(fd)
+
+# %% ../../nbs/18_callbacks.checkpoint.ipynb #753d7f97
+# What torch.load(weights_only=True) reads back: these exact types (a subclass is pickled by its own class name).
+_PLAIN_TYPES = (type(None), bool, int, float, complex, str, bytes, bytearray,
+                torch.Size, torch.dtype, torch.device, torch.layout)
+_DICT_TYPES = (dict, collections.OrderedDict, collections.Counter)
+_SEQUENCE_TYPES = (list, tuple, set)
+
+def _first_unloadable(value: Any) -> tuple[str, type] | None:
+    "Where in `value` (as `['key'][0]`) the first thing that torch.load(weights_only=True) refuses is, and its type."
+    kind = type(value)
+    if kind in _PLAIN_TYPES or isinstance(value, torch.Tensor): return None
+    np = sys.modules.get("numpy")  # a numpy value exists only once numpy is imported
+    if np is not None and kind is np.ndarray:  # numbers; an array of dtype object holds Python objects: look at them
+        return _first_unloadable(value.ravel().tolist()) if value.dtype.hasobject else None
+    if np is not None and isinstance(value, (np.generic, np.dtype)): return None
+    if kind in _DICT_TYPES:
+        for key, item in value.items():
+            if _first_unloadable(key) is not None: return f" (the key {key!r})", type(key)
+            found = _first_unloadable(item)
+            if found is not None: return f"[{key!r}]{found[0]}", found[1]
+        return None
+    if kind in _SEQUENCE_TYPES:
+        for index, item in enumerate(value):
+            found = _first_unloadable(item)
+            if found is not None: return f"[{index}]{found[0]}", found[1]
+        return None
+    return "", kind
+
+def _type_name(kind: type) -> str:
+    return kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
+
+_LOADABLE = ("A checkpoint may hold tensors, numbers, str, bool, None, lists, tuples and dicts of them, "
+             "and numpy arrays (as in the RNG states)")
+
+def _check_loadable(state: dict[str, Any], path: Path) -> None:
+    "A TypeError, before anything is written, naming a value in `state` that a checkpoint could not load back."
+    callbacks = state.get("callbacks") if isinstance(state.get("callbacks"), dict) else {}
+    for key, callback_state in callbacks.items():
+        found = _first_unloadable(callback_state)
+        if found is None: continue
+        where, kind, owner = found[0], _type_name(found[1]), str(key).split("#")[0]
+        raise TypeError(f"cannot save the checkpoint {path}: the state of the callback {key!r} holds a {kind} at "
+                        f"state['callbacks'][{key!r}]{where}, which torch.load(weights_only=True) refuses, so the "
+                        f"checkpoint could never be loaded. {_LOADABLE}: have {owner}.state_dict() store it as one of "
+                        "those (a str or float for a time or a Path, its .value for an enum, a list for a deque) "
+                        "and load_state_dict() turn it back")
+    found = _first_unloadable({k: v for k, v in state.items() if k != "callbacks"})
+    if found is not None:
+        raise TypeError(f"cannot save the checkpoint {path}: state{found[0]} is a {_type_name(found[1])}, which "
+                        f"torch.load(weights_only=True) refuses, so the checkpoint could never be loaded. {_LOADABLE}; "
+                        "store it as one of those")
 
 # %% ../../nbs/18_callbacks.checkpoint.ipynb #a907294b
 def _numpy_safe_globals() -> list:
@@ -92,7 +166,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[
             saved = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
         raise CheckpointError(f"{path} passed its checksum but PyTorch could not load it ({type(e).__name__}: "
-                              f"{str(e).splitlines()[0] if str(e) else ''}); was it written by another PyTorch version, "
+                              f"{_torch_reason(e)}); was it written by another PyTorch version, "
                               "or does its state hold objects other than tensors, numbers, strings, lists and dicts?") from e
     if not isinstance(saved, dict) or saved.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path} is not a trainloop_nb checkpoint: it has no format marker {CHECKPOINT_FORMAT!r}")
@@ -101,6 +175,11 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[
                               f"trainloop_nb reads ({CHECKPOINT_VERSION}); upgrade trainloop_nb to load it")
     if not isinstance(saved.get("state"), dict): raise CheckpointError(f"{path} holds no state dict")
     return saved["state"]
+
+def _torch_reason(error: Exception) -> str:
+    "PyTorch's line that names what it refused (`GLOBAL datetime.datetime`), else its first line."
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return next((line for line in lines if "GLOBAL " in line), lines[0] if lines else "")
 
 def _verify_checksum(path: Path) -> None:
     size = path.stat().st_size
@@ -169,8 +248,87 @@ def prune_checkpoints(directory: str | os.PathLike, keep_last: int) -> list[Path
     for path in stale: path.unlink(missing_ok=True)
     return stale
 
+# %% ../../nbs/18_callbacks.checkpoint.ipynb #e5f0a244
+_LOCK_FILE = ".lock"
+
+def _lock_owner(lock: Path) -> dict | None:
+    "What a lock file says of its owner (pid, host, since); None if it is gone or cannot be read (still being written)."
+    try: owner = json.loads(lock.read_text(encoding="utf-8"))
+    except (OSError, ValueError): return None
+    return owner if isinstance(owner, dict) and isinstance(owner.get("pid"), int) else None
+
+def _owner_is_gone(owner: dict) -> bool:
+    "Whether the lock's owner was a process on this machine that no longer runs (killed before it could unlock)."
+    pid = owner["pid"]
+    if owner.get("host") != socket.gethostname() or os.name != "posix" or pid <= 0: return False  # cannot tell: alive
+    try: os.kill(pid, 0)  # signal 0 sends nothing: it only asks whether the process exists
+    except ProcessLookupError: return True
+    except (PermissionError, OverflowError): return False  # another user's process, or no pid we can ask about
+    return False
+
+def _locked_error(directory: Path, lock: Path, owner: dict | None) -> RuntimeError:
+    if owner is None:
+        return RuntimeError(f"{directory} is locked by another checkpoint writer, but its lock file {lock} cannot be "
+                            "read (that run may be starting right now); wait for it, or give this Checkpoint another "
+                            f"directory. If no run writes there, delete {lock}")
+    here = owner.get("host") == socket.gethostname()
+    ours = here and owner["pid"] == os.getpid()
+    who = " (this process: another Checkpoint or fit already writes there)" if ours else ""
+    return RuntimeError(f"{directory} is in use: another run writes its checkpoints there (pid {owner['pid']} on host "
+                        f"{owner.get('host')}{who}, since {owner.get('since')}; lock file {lock}). Two runs in one "
+                        "folder would prune and overwrite each other's checkpoints. Wait for that run to end, or give "
+                        f"this Checkpoint another directory; if that run is gone (its machine lost), delete {lock}")
+
+def _remove_stale_lock(lock: Path, owner: dict) -> None:
+    "Remove the lock of a process that is gone; if another writer took it over a moment ago, leave theirs in place."
+    moved = lock.with_name(f"{lock.name}.stale.{os.getpid()}")
+    try: os.replace(lock, moved)  # atomic: of two processes taking over at once, one moves the stale lock
+    except FileNotFoundError: return
+    if _lock_owner(moved) == owner: moved.unlink()
+    else: os.replace(moved, lock)  # a live writer's fresh lock: put it back
+
+def _lock_directory(directory: Path) -> tuple[Path, dict]:
+    "Create `directory/.lock` atomically (only one process can) holding this process's pid, host and start time."
+    directory.mkdir(parents=True, exist_ok=True)
+    lock = directory / _LOCK_FILE
+    since = datetime.now().astimezone().isoformat(timespec="seconds")
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "since": since}
+    for _ in range(3):  # a stale lock is taken over, or one let go of meanwhile is retried
+        try: fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            owner = _lock_owner(lock)
+            if owner is None and not lock.exists(): continue  # unlocked meanwhile: try again
+            if owner is None or not _owner_is_gone(owner): raise _locked_error(directory, lock, owner) from None
+            warnings.warn(f"{lock} was left by pid {owner['pid']} on this host ({owner.get('host')}, since "
+                          f"{owner.get('since')}), which no longer runs; this run takes the directory over",
+                          stacklevel=3)
+            _remove_stale_lock(lock, owner)
+            continue
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as file: json.dump(me, file)
+        except BaseException:  # a lock no one can read would block the folder until deleted by hand
+            lock.unlink(missing_ok=True)
+            raise
+        return lock, me
+    raise _locked_error(directory, lock, _lock_owner(lock))
+
+def _unlock_directory(lock: Path, me: dict) -> None:
+    "Remove the lock if it is still ours (not another writer's, made after ours was deleted by hand)."
+    if _lock_owner(lock) == me: lock.unlink(missing_ok=True)
+
 # %% ../../nbs/18_callbacks.checkpoint.ipynb #a0a155d9
 _TEMPORARY_FILE = re.compile(r"\.(step-\d{8,}|best)\.pt\..+\.tmp")
+
+def _not_finite(model: torch.nn.Module, training_loss: float | None) -> str | None:
+    "Why a state must not become a checkpoint: the training loss so far or a weight not finite; None if both are."
+    if training_loss is not None and not math.isfinite(training_loss):
+        return f"the training loss of this epoch so far is not finite ({training_loss})"
+    tensors = [t for t in (*model.parameters(), *model.buffers()) if t.is_floating_point() or t.is_complex()]
+    if not tensors: return None
+    device = tensors[0].device
+    finite = torch.stack([t.isfinite().all().to(device) for t in tensors]).all()
+    if not finite.item(): return "the model's weights are not all finite (nan or inf)"  # one wait for the device
+    return None
 
 class Checkpoint(Callback):
     "Saves the loop's whole state atomically as `step-<step>.pt` every few steps or epochs, keeps the newest `keep_last`, and `best.pt` for `monitor`."
@@ -183,6 +341,10 @@ class Checkpoint(Callback):
                 raise ValueError(f"{name} must be None or a whole number >= 1, got {value!r}")
         if monitor is None and mode != "auto":
             raise ValueError(f"mode={mode!r} applies to a monitored value; give monitor= too (e.g. monitor='valid_loss')")
+        if every_steps is None and every_epochs is None and monitor is None:
+            raise ValueError("Checkpoint(every_steps=None, every_epochs=None) without monitor= would never write a "
+                             "checkpoint (only after Ctrl-C); give every_epochs=N (1 is the default), every_steps=N, "
+                             "or monitor= (e.g. 'valid_loss') to keep best.pt")
         self.directory = Path(directory)
         if self.directory.exists() and not self.directory.is_dir():
             raise ValueError(f"{self.directory} is a file; Checkpoint needs a directory to write step-<step>.pt files into")
@@ -190,43 +352,70 @@ class Checkpoint(Callback):
         self.monitor = Monitor(monitor, mode) if monitor is not None else None
         self.best: float | None = None
         self.last_saved: Path | None = None
-        self._resuming = False
+        self._resuming, self._lock = False, None
 
     def fit_start(self, loop) -> None:
         if not self._resuming: self.best = None  # each fit is a new run; a state loaded to resume it is kept
-        self._resuming, self._step_seen = False, loop.step
+        self._resuming, self._step_seen, self._warned, self._counted_epoch = False, loop.step, False, None
         if not self._writes(loop): return
         if not callable(getattr(loop, "state_dict", None)):
             raise TypeError(f"Checkpoint saves loop.state_dict(), which {type(loop).__name__} does not have")
+        self._lock = _lock_directory(self.directory)  # one writer at a time; fit_end lets go, also after an error
         newer = [p for p in list_checkpoints(self.directory) if checkpoint_step(p) > loop.step]
         if newer:
             raise ValueError(f"{self.directory} already holds checkpoints up to {newer[-1].name}, past step {loop.step} "
                              f"where this fit starts; to continue that run use fit(..., resume_from={str(self.directory)!r}), "
                              "to start afresh delete them or give Checkpoint another directory")
-        for path in self.directory.glob(".*.tmp"):
+        for path in self.directory.glob(".*.tmp"):  # left by a writer that was killed: no one else writes here now
             if _TEMPORARY_FILE.fullmatch(path.name): path.unlink(missing_ok=True)
 
     def batch_end(self, loop) -> None:
-        if self.every_steps is None or loop.phase != "training": return
+        if loop.phase != "training": return
+        if loop.last_step_loss is not None: self._counted_epoch = loop.epoch_index  # its mean loss now means something
+        if self.every_steps is None: return
         stepped, self._step_seen = loop.step != self._step_seen, loop.step
-        if stepped and loop.step % self.every_steps == 0 and self._writes(loop): self._save_step(loop, loop.state_dict())
+        if stepped and loop.step % self.every_steps == 0 and self._writes(loop) and self._state_is_good(loop):
+            self._save_step(loop, loop.state_dict())
 
     def epoch_end(self, loop) -> None:
         if not self._writes(loop): return
-        improved = False
-        if self.monitor is not None:
-            value = self.monitor.read(loop, owner="Checkpoint")
-            if self.monitor.improves(value, self.best): self.best, improved = value, True  # before the state is taken
-        if not improved and (self.every_epochs is None or (loop.epoch_index + 1) % self.every_epochs): return
+        value = self.monitor.read(loop, owner="Checkpoint") if self.monitor is not None else None
+        improved = self.monitor is not None and self.monitor.improves(value, self.best)
+        due = self.every_epochs is not None and (loop.epoch_index + 1) % self.every_epochs == 0
+        if not (improved or due) or not self._state_is_good(loop): return
+        if improved: self.best = value  # before the state is taken, so best.pt holds it
         state = loop.state_dict()
-        if self.every_epochs is not None and (loop.epoch_index + 1) % self.every_epochs == 0: self._save_step(loop, state)
+        if due: self._save_step(loop, state)
         if improved: save_checkpoint(state, self.directory / "best.pt")
 
     def fit_end(self, loop) -> None:
-        if isinstance(loop.exception, (KeyboardInterrupt, SystemExit)) and self._writes(loop):
-            self._save_step(loop, loop.state_dict())
+        try:
+            stopped = isinstance(loop.exception, (KeyboardInterrupt, SystemExit))
+            if stopped and self._writes(loop) and self._state_is_good(loop): self._save_step(loop, loop.state_dict())
+        finally:
+            if self._lock is not None: _unlock_directory(*self._lock)
+            self._lock = None
 
     def _writes(self, loop) -> bool: return getattr(loop, "rank", 0) == 0
+
+    def _training_loss(self, loop) -> float | None:
+        "The epoch's mean training loss so far (a wait for the device), or None before any training batch counted."
+        if loop.phase == "training":  # (an empty phase's mean is nan: no batch of this epoch has been counted yet)
+            return loop.last_stats.get("loss") if self._counted_epoch == loop.epoch_index else None
+        record = loop.history[-1] if loop.history else {}  # after training: this epoch's record, at its epoch_end
+        return record.get("train_loss") if record.get("epoch") == loop.epoch_index + 1 else None
+
+    def _state_is_good(self, loop) -> bool:
+        "False, with a warning once a fit, where the state is not finite: such a state never replaces good checkpoints."
+        why = _not_finite(loop.model, self._training_loss(loop))
+        if why is None: return True
+        if not self._warned:
+            newest = latest_checkpoint(self.directory)
+            warnings.warn(f"Checkpoint wrote nothing at step {loop.step}: {why}. It never saves such a state, so the "
+                          f"checkpoints in {self.directory} stay usable (the newest: "
+                          f"{newest.name if newest else 'none yet'}); said once per fit", stacklevel=3)
+            self._warned = True
+        return False
 
     def _save_step(self, loop, state: dict[str, Any]) -> None:
         self.last_saved = save_checkpoint(state, self.directory / checkpoint_name(loop.step))

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from ..core import Callback, CancelFit
+from ..core import Callback
 
 # %% auto #0
 __all__ = ['Monitor', 'cpu_copy', 'EarlyStopping']
@@ -80,6 +80,7 @@ class EarlyStopping(Callback):
     def fit_start(self, loop) -> None:
         # Each fit is a new run (as in Keras); a state loaded to resume a run is kept for the fit that follows.
         if not self._resuming: self._reset()
+        elif self.stopped_epoch is not None: loop.stop_training = True  # a run that had stopped is over: no more epochs
         self._resuming = False
 
     def epoch_end(self, loop) -> None:
@@ -92,7 +93,7 @@ class EarlyStopping(Callback):
         self.wait += 1
         if self.wait >= self.patience:
             self.stopped_epoch = epoch
-            raise CancelFit()
+            loop.stop_training = True  # as in Keras: the fit ends after this epoch_end, once Checkpoint has saved it
 
     def fit_end(self, loop) -> None:
         # After an error or Ctrl-C the model keeps its last step's weights: that is the state a resume continues from.

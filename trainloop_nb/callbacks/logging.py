@@ -21,6 +21,14 @@ from ..core import Callback, Phase, main_process_only
 __all__ = ['CSVLogger', 'TensorBoardLogger']
 
 # %% ../../nbs/12_callbacks.logging.ipynb #41c922bb
+def _check_folder_can_be_made(folder: Path, owner: str, target: Path) -> None:
+    "A ValueError naming the file, if `folder` or a folder above it exists as a file (so no folder can be made there)."
+    for path in (folder, *folder.parents):
+        if path.is_dir(): return
+        if path.exists():
+            raise ValueError(f"{owner} cannot write {target}: {path} is a file, not a folder; give a path in a "
+                             "folder, or move that file away")
+
 class CSVLogger(Callback):
     "Writes one CSV row per batch: epoch, batch, phase, and the running value of each metric in that phase."
     reads_metrics_every_batch = True
@@ -30,13 +38,20 @@ class CSVLogger(Callback):
         if self.path.suffix.lower() != ".csv":
             raise ValueError(f"CSVLogger writes a CSV file, so the path must end in .csv, but {str(path)!r} "
                              f"ends in {self.path.suffix or 'no extension'!r}; use a path like 'run/log.csv'")
+        if self.path.is_dir():
+            raise ValueError(f"CSVLogger writes a file, but {self.path} is a folder; give a file path such as "
+                             f"{str(self.path / 'log.csv')!r}")
+        _check_folder_can_be_made(self.path.parent, "CSVLogger", self.path)
         self.file = None
         self._size, self._resume = 0, None
 
     def fit_start(self, loop) -> None:
         if not main_process_only(self, loop): return  # one file for a distributed run: rank 0 writes it
         self._check_alone(loop)
-        self.columns = ["epoch", "batch", "phase"] + [m.name for m in loop.metrics]
+        self._names = [m.name for m in loop.metrics]
+        # Rows are rank 0's own batches, while history sums every rank: in a distributed run the names say so.
+        prefix = "rank0_" if getattr(loop, "world_size", 1) > 1 else ""
+        self.columns = ["epoch", "batch", "phase"] + [prefix + name for name in self._names]
         self.path.parent.mkdir(parents=True, exist_ok=True)
         continuing = self._cut_to_checkpoint()  # a resumed run: the file as it was at its checkpoint
         header = self._existing_header() if self.append or continuing else None
@@ -60,17 +75,17 @@ class CSVLogger(Callback):
     def batch_end(self, loop) -> None:
         if loop.last_step_loss is None: return  # cancelled before the loss: nothing was counted
         stats = loop.last_stats  # waits for the device: inherent to a row per batch
-        self._write([loop.epoch_index + 1, loop.batch_index + 1, loop.phase] + [stats[c] for c in self.columns[3:]])
+        self._write([loop.epoch_index + 1, loop.batch_index + 1, loop.phase] + [stats[name] for name in self._names])
 
     def _write(self, row: list[Any]) -> None:
         self.writer.writerow(row)
         self.file.flush()
 
     def fit_end(self, loop) -> None:
-        if self.file is not None:
-            self._size = self.file.tell()
-            self.file.close()
-        self.file = None
+        file, self.file = self.file, None
+        if file is None: return
+        try: self._size = file.tell()  # flushes first: fails again after a failed write (a full disk)
+        finally: file.close()  # closed whatever happened (close itself may report the failure once more)
 
     def state_dict(self) -> dict[str, Any]:
         "The file's length now: a run resumed from this state cuts away what was written after it, then appends."
@@ -123,6 +138,7 @@ class TensorBoardLogger(Callback):
         self._writer_class = _summary_writer_class()  # fail when the logger is made, not in the middle of a fit
         if not flush_secs > 0: raise ValueError(f"flush_secs must be a positive number of seconds, got {flush_secs!r}")
         self.log_dir, self.flush_secs, self.batch_metrics = Path(log_dir), flush_secs, batch_metrics
+        _check_folder_can_be_made(self.log_dir, "TensorBoardLogger", self.log_dir)  # log_dir holds one folder per fit
         self.run_dir: Path | None = None
         self.writers: dict[str, Any] = {}
         self._pending: list[tuple] = []
