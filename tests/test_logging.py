@@ -392,7 +392,7 @@ def test_tensorboard_per_step_metrics_match_sklearn_and_cost_no_per_step_sync(tm
 
 
 class ReadEveryBatch(Callback):
-    "Reads the running loss at every training batch without saying so (reads_metrics_every_batch left False)."
+    "Reads the running loss at every training batch."
     def __init__(self): self.values = []
     def batch_end(self, loop):
         if loop.phase == "training": self.values.append(loop.last_stats["loss"])

@@ -104,9 +104,6 @@ class Order(enum.IntEnum):
 class Callback:
     "Base class for callbacks: define methods named after `Event`s, each taking the loop."
     order: int = Order.default
-    # A callback that reads the running metrics (`loop.last_stats`) at every batch says so: the loop then adds each
-    # batch's values to the sums as they come, rather than 128 at a time (which a read each batch would redo).
-    reads_metrics_every_batch: bool = False
 
     def __repr__(self) -> str: return f"{type(self).__name__}()"
 

@@ -31,7 +31,6 @@ def _check_folder_can_be_made(folder: Path, owner: str, target: Path) -> None:
 
 class CSVLogger(Callback):
     "Writes one CSV row per batch: epoch, batch, phase, and the running value of each metric in that phase."
-    reads_metrics_every_batch = True
 
     def __init__(self, path: str | os.PathLike = "run/log.csv", append: bool = False):
         self.path, self.append = Path(path), append
