@@ -297,3 +297,29 @@ def test_a_label_out_of_range_names_the_batch_and_the_class_count():
                         include_default_callbacks=False)
     with pytest.raises(IndexError) as caught: loop.fit(model, epochs=1)
     assert any("training batch 3" in n and "scores 3 classes" in n and "from 0 to 2" in n for n in caught.value.__notes__)
+
+
+# --- a full disk under the CSV log: the file is closed and the run can be resumed ------------------------------------
+def test_a_log_write_failing_with_a_full_disk_keeps_the_run_resumable(tmp_path):
+    import errno
+    import pandas as pd
+    from trainloop_nb.callbacks.logging import CSVLogger
+    csv = CSVLogger(tmp_path / "log.csv")
+    class DiskFills(Callback):
+        "At step 5 the disk is full: the CSV logger's next row fails with ENOSPC."
+        order = -5
+        def batch_start(self, loop):
+            if loop.step != 5 or loop.phase != "training": return
+            class Full:
+                def writerow(self, row): raise OSError(errno.ENOSPC, "No space left on device")
+            csv.writer = Full()
+    reference, ref_model = setup_run()
+    reference.fit(ref_model, epochs=2)
+    loop, model = setup_run(callbacks=[DiskFills(), csv])
+    with pytest.raises(OSError, match="No space left"): loop.fit(model, epochs=2)
+    assert csv.file is None  # closed by fit_end
+    loop.user_callbacks = [csv]  # the disk has room again
+    history = loop.resume()
+    assert len(history) == 2 and same_weights(model, ref_model)
+    rows = pd.read_csv(tmp_path / "log.csv")
+    assert len(rows) == 2 * (5 + 2)  # 5 training and 2 validation batches an epoch, each row once

@@ -42,7 +42,7 @@ class CSVLogger(Callback):
                              f"{str(self.path / 'log.csv')!r}")
         _check_folder_can_be_made(self.path.parent, "CSVLogger", self.path)
         self.file = None
-        self._size, self._resume = 0, None
+        self._size, self._resume, self._unwritten = 0, None, []
 
     def fit_start(self, loop) -> None:
         if not main_process_only(self, loop): return  # one file for a distributed run: rank 0 writes it
@@ -52,6 +52,7 @@ class CSVLogger(Callback):
         prefix = "rank0_" if getattr(loop, "world_size", 1) > 1 else ""
         self.columns = ["epoch", "batch", "phase"] + [prefix + name for name in self._names]
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        unwritten = self._resume.get("unwritten", []) if self._resume is not None else []
         continuing = self._cut_to_checkpoint()  # a resumed run: the file as it was at its checkpoint
         header = self._existing_header() if self.append or continuing else None
         if header is not None and header != self.columns:
@@ -59,7 +60,9 @@ class CSVLogger(Callback):
                              "append only to a log of the same metrics, or use another path or append=False")
         self.file = open(self.path, "a" if self.append or continuing else "w", newline="", encoding="utf-8")
         self.writer = csv.writer(self.file)
+        self._size, self._unwritten = self.file.tell(), []
         if header is None: self._write(self.columns)
+        for row in unwritten: self._write(row)  # rows a failed write (a full disk) kept for the resumed run
 
     def _check_alone(self, loop) -> None:
         same = [cb for cb in loop.callbacks if isinstance(cb, CSVLogger) and cb.path.resolve() == self.path.resolve()]
@@ -77,18 +80,23 @@ class CSVLogger(Callback):
         self._write([loop.epoch_index + 1, loop.batch_index + 1, loop.phase] + [stats[name] for name in self._names])
 
     def _write(self, row: list[Any]) -> None:
-        self.writer.writerow(row)
-        self.file.flush()
+        try:
+            self.writer.writerow(row)
+            self.file.flush()
+        except OSError:  # a full disk, a share gone: the row is kept with the state, so a resumed run writes it
+            self._unwritten.append(row)
+            raise
+        self._size = self.file.tell()  # the length after the last whole row
 
     def fit_end(self, loop) -> None:
         file, self.file = self.file, None
         if file is None: return
-        try: self._size = file.tell()  # flushes first: fails again after a failed write (a full disk)
+        try: file.flush()  # fails again after a failed write (a full disk)
         finally: file.close()  # closed whatever happened (close itself may report the failure once more)
 
     def state_dict(self) -> dict[str, Any]:
-        "The file's length now: a run resumed from this state cuts away what was written after it, then appends."
-        return {"size": self.file.tell() if self.file is not None else self._size}  # tell() after the flush of each row
+        "The length after the last whole row, and rows whose write failed: a resumed run cuts to it and writes them."
+        return {"size": self._size, "unwritten": [list(row) for row in self._unwritten]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         "Continue the log of the run `state` came from at the next `fit_start`."
