@@ -3,11 +3,13 @@
     python long_run_child.py DIRECTORY MODE
 
 MODE is `full` (train to the end), `stall` (stop inside the training batch_end of step 10, two steps after
-the second checkpoint, until DIRECTORY/release exists: the parent kills it there), or `resume` (continue from
+the second checkpoint, and write DIRECTORY/ready; it waits there until a SIGTERM has reached the loop's handler,
+or is killed), or `resume` (continue from
 the newest checkpoint in DIRECTORY/checkpoints). `full` and `resume` save the final weights to
 DIRECTORY/weights.pt and the history (without times) to DIRECTORY/history.json.
 """
 import json
+import signal
 import sys
 import time
 from pathlib import Path
@@ -25,16 +27,25 @@ STALL_STEP = 10
 
 
 class StallAt(Callback):
-    "Inside the training batch_end of `step` (after Checkpoint), says so in a file and waits to be killed or released."
+    """Inside the training batch_end of `step` (after Checkpoint), says so in a file and waits to be killed, or
+    until a SIGTERM has gone through the loop's handler (which holds it until the batch is complete)."""
     order = 200
 
     def __init__(self, directory: Path, step: int): self.directory, self.step = directory, step
 
     def batch_end(self, loop):
         if loop.phase != "training" or loop.step != self.step: return
-        (self.directory / "ready").write_text(str(loop.step))
-        deadline = time.monotonic() + 120
-        while not (self.directory / "release").exists() and time.monotonic() < deadline: time.sleep(0.01)
+        received, loops_handler = [], signal.getsignal(signal.SIGTERM)
+        def noted(signum, frame):
+            loops_handler(signum, frame)  # the loop's own handler runs first: it must not raise inside the batch
+            received.append(signum)
+        signal.signal(signal.SIGTERM, noted)
+        try:
+            (self.directory / "ready").write_text(str(loop.step))
+            deadline = time.monotonic() + 120
+            while not received and time.monotonic() < deadline: time.sleep(0.01)  # a check with a deadline
+        finally: signal.signal(signal.SIGTERM, loops_handler)
+        if not received: raise RuntimeError("StallAt: no signal came in 120 s")
 
 
 def build(directory: Path, stall: bool):

@@ -5,7 +5,6 @@ import math
 import os
 import subprocess
 import sys
-import time
 
 import matplotlib.image
 import pytest
@@ -110,22 +109,24 @@ def test_fit_end_saves_the_steps_of_an_interrupted_epoch(tmp_path):
     assert plot.steps == list(range(1, TRAIN_BATCHES + 3))  # FailAtStep runs first: step 11's batch_end never reaches the plot
 
 
+class Tick(Callback):
+    "Moves a fake clock by `seconds` at each training batch_start: the time a batch takes, as the plot sees it."
+    order = Order.observe
+    def __init__(self, clock: list, seconds: float): self.clock, self.seconds = clock, seconds
+    def batch_start(self, loop):
+        if loop.phase == "training": self.clock[0] += self.seconds
+
+
 def test_notebook_mode_redraws_at_epoch_ends_and_when_refresh_allows(monkeypatch):
     pytest.importorskip("IPython")
-    shown = []
-    plot = LiveLossPlot(mode="notebook", refresh=3600)
+    shown, clock = [], [0.0]
+    plot = LiveLossPlot(mode="notebook", refresh=3.0, clock=lambda: clock[0])
     monkeypatch.setattr(plot, "_show", lambda figure: shown.append(len(plot.steps)))
-    monkeypatch.setattr(plot, "figure", lambda: setattr(plot, "_figure", "drawn"))  # drawing costs nothing here
-    # and takes no time: a clock that moves a second between batches and stands still within one (on a busy
-    # machine a real one can catch a pause inside the draw, which spaces the next draw out nine times as long)
-    clock = [0.0]
-    class Tick(Callback):
-        order = Order.observe
-        def batch_start(self, loop): clock[0] += 1.0
-    monkeypatch.setattr(time, "monotonic", lambda: clock[0])  # the clock the plot (and the bar) read
-    loop, model = make_loop([Tick(), plot])
-    loop.fit(model, epochs=3)
-    assert shown == [8, 16, 24]  # once per epoch end; fit_end has nothing new
+    monkeypatch.setattr(plot, "figure", lambda: setattr(plot, "_figure", "drawn"))  # drawing takes no time here
+    loop, model = make_loop([Tick(clock, 1.0), plot])
+    loop.fit(model, epochs=2)
+    # a batch a second: due at 3 s (step 3), then 3 s after each draw; each epoch end draws too
+    assert shown == [3, 6, 8, 11, 14, 16]  # fit_end has nothing new
     plot.refresh = 0.0
     shown.clear()
     loop.fit(model, epochs=1)
@@ -134,18 +135,18 @@ def test_notebook_mode_redraws_at_epoch_ends_and_when_refresh_allows(monkeypatch
 
 def test_slow_redraws_are_spaced_out_to_bound_their_cost(monkeypatch):
     pytest.importorskip("IPython")
-    import time
-    shown = []
-    plot = LiveLossPlot(mode="notebook", refresh=0.0)
+    shown, clock = [], [0.0]
+    plot = LiveLossPlot(mode="notebook", refresh=0.0, clock=lambda: clock[0])
     monkeypatch.setattr(plot, "_show", lambda figure: shown.append(len(plot.steps)))
-    def slow_figure():  # a redraw that takes 0.1 s
-        time.sleep(0.1); plot._figure = "drawn"
+    def slow_figure():  # a redraw that takes 0.125 s (of the fake clock)
+        clock[0] += 0.125
+        plot._figure = "drawn"
     monkeypatch.setattr(plot, "figure", slow_figure)
-    loop, model = make_loop([plot])
+    loop, model = make_loop([Tick(clock, 0.25), plot])
     loop.fit(model, epochs=1)
-    # after the first step's redraw, the next may come only 0.9 s later: the 8 steps are long done,
-    # so what is left is the epoch end's redraw
-    assert shown == [1, TRAIN_BATCHES]
+    # step 1 draws (from 0.25 s to 0.375 s); the next draw may come 9 x 0.125 s later, at 1.5 s: step 6
+    # (which ends at 1.625 s), then at 2.75 s, after the 8 steps; the epoch end always draws
+    assert shown == [1, 6, TRAIN_BATCHES]
 
 
 def test_notebook_mode_updates_one_display_in_place(monkeypatch):

@@ -2,8 +2,11 @@
 import os
 import pty
 import re
+import select
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -51,8 +54,13 @@ def test_terminal_gets_redrawn_bars():
     pid, fd = pty.fork()
     if pid == 0:  # child: stdout is a terminal
         os.execv(sys.executable, [sys.executable, "-c", SCRIPT])
-    out = b""
+    out, deadline = b"", time.monotonic() + 120
     while True:
+        readable, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
+        if not readable:  # a hung child fails the test instead of hanging the suite
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            pytest.fail(f"the script did not end in 120 s; it wrote: {out.decode('utf-8', 'replace')}")
         try: chunk = os.read(fd, 4096)
         except OSError: break
         if not chunk: break

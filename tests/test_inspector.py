@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import collections
+import itertools
 import subprocess
 import sys
 import time
@@ -40,10 +41,10 @@ class EventCounter:
 
 
 class Sleepy(Callback):
-    "Sleeps a known time at each training batch_end."
-    def __init__(self, seconds): self.seconds = seconds
+    "Takes `seconds` of a fake clock (`now`, a one-item list) at each training batch_end."
+    def __init__(self, seconds=0.0, now=None): self.seconds, self.now = seconds, now if now is not None else [0.0]
     def batch_end(self, loop):
-        if loop.phase == "training": time.sleep(self.seconds)
+        if loop.phase == "training": self.now[0] += self.seconds
 
 
 class BatchCounter(Callback):
@@ -60,7 +61,7 @@ def test_counts_match_the_event_order_and_an_independent_counter():
 
 
 def test_timings_cover_every_handled_pair_and_mean_is_total_over_calls():
-    inspector = CallbackInspector()
+    inspector = CallbackInspector(clock=itertools.count().__next__)  # a clock that moves by 1 at each read
     loop, model = make_loop([Sleepy(0.0), inspector])
     loop.fit(model, epochs=2)
     t, counts = inspector.timings, inspector.counts
@@ -70,19 +71,18 @@ def test_timings_cover_every_handled_pair_and_mean_is_total_over_calls():
     assert ("ProgressPrinter", "fit_start") in t and ("ProgressPrinter", "epoch_end") in t and ("Sleepy", "batch_end") in t
     for (name, event), v in t.items():
         assert v["calls"] == counts[event], (name, event)  # each handler ran once per event
-        assert v["total"] > 0 and v["mean"] == pytest.approx(v["total"] / v["calls"])
+        assert v["total"] == v["calls"] and v["mean"] == 1.0  # one tick between the two reads around each call
 
 
-def test_timings_measure_real_time():
-    inspector = CallbackInspector()
-    loop, model = make_loop([Sleepy(0.004), inspector])
-    start = time.perf_counter()
+def test_timings_add_up_the_clock_around_each_handler():
+    now = [0.0]
+    inspector = CallbackInspector(clock=lambda: now[0])
+    loop, model = make_loop([Sleepy(1 / 256, now), inspector])
     loop.fit(model, epochs=2)
-    elapsed = time.perf_counter() - start
-    v = inspector.timings["Sleepy", "batch_end"]
-    assert v["calls"] == 2 * (TRAIN_BATCHES + VALID_BATCHES)
-    assert 2 * TRAIN_BATCHES * 0.004 <= v["total"] < elapsed  # at least the sleeps, at most the whole fit
-    assert max(inspector.timings.items(), key=lambda kv: kv[1]["total"])[0] == ("Sleepy", "batch_end")
+    timings, total, calls = inspector.timings, 2 * TRAIN_BATCHES / 256, 2 * (TRAIN_BATCHES + VALID_BATCHES)
+    assert timings.pop(("Sleepy", "batch_end")) == {"total": total, "calls": calls, "mean": total / calls}
+    assert timings and all(v["total"] == 0.0 for v in timings.values())  # the clock stood still in every other one
+    assert CallbackInspector().clock is time.perf_counter  # by default, real time
 
 
 def test_second_fit_resets_and_does_not_time_twice():
@@ -232,7 +232,8 @@ def test_widget_checkbox_switches_a_callback_off_for_the_next_fit():
 
 def test_widget_refreshes_are_throttled():
     pytest.importorskip("ipywidgets")
-    inspector = CallbackInspector(refresh=3600)
+    now = [0.0]
+    inspector = CallbackInspector(refresh=1.0, clock=lambda: now[0])  # a clock that stands still: never due
     loop, model = make_loop([inspector])
     view = inspector.view  # shown before the fit, as in a notebook
     assert "Not attached" in view.status.value
@@ -240,13 +241,14 @@ def test_widget_refreshes_are_throttled():
     original = view.refresh
     view.refresh = lambda: (refreshes.append(1), original())
     loop.fit(model, epochs=3)
+    other_fit_ends = sum(cb is not inspector for cb in loop.handlers[Event.fit_end])
     # fit_start and fit_end (the inspector's own, and after each other fit_end handler): never per batch
-    assert 2 <= len(refreshes) <= 2 + len(loop.callbacks)
+    assert len(refreshes) == 2 + other_fit_ends and other_fit_ends >= 1
     assert "step 18" in view.status.value
     inspector.refresh = 0.0
     refreshes.clear()
     loop.fit(model, epochs=1)
-    assert len(refreshes) >= sum(inspector.counts.values())  # with no throttle, every event would redraw
+    assert len(refreshes) == sum(inspector.counts.values()) + other_fit_ends  # no throttle: every event redraws
 
 
 def test_a_script_never_imports_ipywidgets():

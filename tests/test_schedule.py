@@ -443,9 +443,12 @@ def test_lazy_rates_equal_the_eager_implementation(name, total):
     segments = COMBINATIONS[name]
     new, old = make_schedule(segments)(total).tolist(), old_eager_rates(segments, total)
     assert len(new) == len(old) == total and all(type(r) is float for r in new)
-    if any(s.shape is cosine for s in segments):  # numpy's vectorised cos may differ from math.cos in the last bit
-        np.testing.assert_array_max_ulp(np.array(new), np.array(old), maxulp=2)
-    else: assert new == old  # bit for bit
+    if any(s.shape in (cosine, exponential) for s in segments):
+        # The oracle's numpy cos and power (SIMD code that differs from CPU to CPU in the last bit) against math's:
+        # close, not equal. An absolute margin on the scale of the rates covers values that cancel towards 0.
+        scale = max(abs(r) for r in old)
+        np.testing.assert_allclose(new, old, rtol=1e-12, atol=1e-14 * scale)
+    else: assert new == old  # bit for bit: only +, -, *, / here, which every CPU rounds the same way
 
 
 # -- memory: what a schedule and the scheduler keep does not grow with the step count -------------------

@@ -1,8 +1,8 @@
 """The notebook experience in a real browser: JupyterLab + headless Chromium run `notebook_under_test.ipynb`.
 
 One module-scoped run opens the notebook, runs all cells and watches the page while the fit runs (a
-MutationObserver records every progress bar the page renders; the live views are read at intervals); the tests
-then check what was seen. Screenshots of each state go to tests/output/browser/test_notebook_ui/."""
+MutationObserver records every progress bar the page renders; the live views are read at the two points where the
+notebook's `Gate` holds the fit until this test says go); the tests then check what was seen. Screenshots of each state go to tests/output/browser/test_notebook_ui/."""
 from __future__ import annotations
 
 import json
@@ -20,7 +20,7 @@ HERE = Path(__file__).parent
 NOTEBOOK = HERE / "notebook_under_test.ipynb"
 OPEN_TIMEOUT = 120  # s: page load, and kernel start
 RUN_TIMEOUT = 150  # s: all cells, fit included
-POLL = 0.2  # s between two looks at the page while the notebook runs
+POLL = 0.2  # s between two checks for the notebook's next gate file or its end
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 # the notebook panel of our notebook, whichever widget has the focus
@@ -102,7 +102,7 @@ class Run:
     "What the browser saw while the notebook ran."
     cells: list[dict] = field(default_factory=list)  # final state of each cell (type, name, count, errors)
     progress: list[dict] = field(default_factory=list)  # every progress-bar rendering in the fit cell
-    samples: list[dict] = field(default_factory=list)  # periodic looks at the live views while the fit ran
+    samples: list[dict] = field(default_factory=list)  # looks at the live views at each gate, while the fit was held
     seconds: float = 0.0
     screenshots: dict[str, Path] = field(default_factory=dict)
 
@@ -153,7 +153,7 @@ def page(lab_server, browser):
 
 
 @pytest.fixture(scope="module")
-def run(page, lab_server, output_dir) -> Run:
+def run(page, lab_server, output_dir, digits_lengths) -> Run:
     "Open the notebook, run all cells, and record what the page showed on the way."
     seen = Run()
     def shot(name: str) -> None:
@@ -170,33 +170,51 @@ def run(page, lab_server, output_dir) -> Run:
     page.evaluate("() => window.jupyterapp.shell.collapseLeft()")  # more room for the notebook in screenshots
     shot("01_opened")
     page.evaluate(OBSERVE_PROGRESS_JS, "fit")
+    gate = lab_server.root_dir / "gate"  # the notebook's Gate holds the fit at two steps while this folder exists
+    gate.mkdir()
     # not awaited: the command's promise settles only when every cell has run
     page.evaluate("() => { window.jupyterapp.commands.execute('notebook:run-all-cells'); }")
 
-    start = time.monotonic()
-    state, during = None, 0
-    while time.monotonic() - start < RUN_TIMEOUT:
+    start, state = time.monotonic(), None
+    def wait_for_the_notebook(until: str, ready) -> None:
+        "Check the page until `ready()` is true, failing at once if a cell raised and after RUN_TIMEOUT."
+        nonlocal state
+        while True:
+            state = page.evaluate(f"() => ({CELL_STATES_JS % PANEL})()")
+            errors = [e for c in state["cells"] for e in c["errors"]]
+            if errors:
+                shot("99_error")
+                pytest.fail(f"the notebook raised while running:\n{error_text(errors)}", pytrace=False)
+            if ready(): return
+            if time.monotonic() - start > RUN_TIMEOUT:
+                shot("99_timeout")
+                pytest.fail(f"the notebook did not reach {until} within {RUN_TIMEOUT} s; cells: {state['cells']}; "
+                            f"browser console errors: {page.console_errors[-20:]}", pytrace=False)
+            time.sleep(POLL)
+
+    train_batches, valid_batches = digits_lengths
+    for n in (1, 2):
+        paused = gate / f"paused-{n}"
+        wait_for_the_notebook(f"gate {n}", paused.exists)
+        step = int(paused.read_text())  # held at the training batch_end of this step: count the batch_ends so far
+        epochs_done, batch = divmod(step - 1, train_batches)
+        batch_ends = epochs_done * (train_batches + valid_batches) + batch + 1
+        page.wait_for_function(f"() => {{ const s = ({READ_INSPECTOR_JS})(); return s !== null && "
+                               f"s.counts[{EVENTS.index('batch_end')}] === {batch_ends}; }}", timeout=30_000)
+        before = seen.samples[-1]["images"] if seen.samples else []  # a newer loss plot (an epoch ended since)
+        page.wait_for_function(f"(before) => {{ const images = ({IMAGES_JS})('fit'); return images.length === 1 "
+                               f"&& JSON.stringify(images) !== JSON.stringify(before); }}", arg=before, timeout=30_000)
         look = page.evaluate(LOOK_JS)
-        state = look["state"]
-        errors = [e for c in state["cells"] for e in c["errors"]]
-        if errors:
-            shot("99_error")
-            pytest.fail(f"the notebook raised while running:\n{error_text(errors)}", pytrace=False)
+        assert fit_running(look["state"]), f"at gate {n} the fit cell should be the one running: {look['state']}"
+        seen.samples.append({"step": step, "batch_ends": batch_ends, "inspector": look["inspector"],
+                             "images": look["images"]})
+        cell(page, "inspector").evaluate("n => n.scrollIntoView({block: 'start'})")
+        shot(f"0{1 + n}_during_fit")
+        (gate / f"go-{n}").write_text("")
+    def finished() -> bool:
         done = next(c for c in state["cells"] if c["name"] == "done")
-        if done["count"] is not None and not done["busy"] and state["kernel"] == "idle": break
-        if fit_running(state):
-            seen.samples.append({"t": time.monotonic(), "inspector": look["inspector"], "images": look["images"]})
-            # two screenshots while the fit runs: one early, one later
-            elapsed = time.monotonic() - seen.samples[0]["t"]
-            if (during == 0 and elapsed > 1.0) or (during == 1 and elapsed > 3.0):
-                during += 1
-                cell(page, "inspector").evaluate("n => n.scrollIntoView({block: 'start'})")
-                shot(f"0{1 + during}_during_fit")
-        time.sleep(POLL)
-    else:
-        shot("99_timeout")
-        pytest.fail(f"the notebook did not finish within {RUN_TIMEOUT} s; cells: {state and state['cells']}; "
-                    f"browser console errors: {page.console_errors[-20:]}", pytrace=False)
+        return done["count"] is not None and not done["busy"] and state["kernel"] == "idle"
+    wait_for_the_notebook("its end", finished)
     seen.seconds = time.monotonic() - start
     seen.cells = state["cells"]
     seen.progress = page.evaluate("() => window.__progressSeen")
@@ -206,7 +224,7 @@ def run(page, lab_server, output_dir) -> Run:
         path = output_dir / f"cell_{name}.png"
         cell(page, name).screenshot(path=path)
         seen.screenshots[f"cell_{name}"] = path
-    print(f"\nnotebook ran in {seen.seconds:.1f} s; {len(seen.samples)} looks during the fit; "
+    print(f"\nnotebook ran in {seen.seconds:.1f} s; {len(seen.samples)} looks while the fit was held; "
           f"screenshots in {output_dir}")
     return seen
 
@@ -231,7 +249,7 @@ def digits_lengths() -> tuple[int, int]:
     return len(data.training), len(data.validation)
 
 
-def test_notebook_runs_without_errors(run, page):
+def test_notebook_runs_without_errors(run, page, digits_lengths):
     code = [c for c in run.cells if c["type"] == "code"]
     assert all(c["count"] is not None for c in code), f"cells left unrun: {[c for c in code if c['count'] is None]}"
     counts = [c["count"] for c in code]
@@ -240,7 +258,8 @@ def test_notebook_runs_without_errors(run, page):
     kernel_python = Path(printed(page, "PYTHON"))
     assert kernel_python.parent == Path(sys.executable).parent, (
         f"the kernel should run this venv's python ({sys.executable}), it ran {kernel_python}")
-    assert run.samples, "the fit finished before the page could be looked at: make it last longer"
+    train = digits_lengths[0]
+    assert [s["step"] for s in run.samples] == [train + train // 2, 3 * train + train // 2], "held at both gates"
 
 
 def test_progress_bars_advance_and_finish(run, page, digits_lengths):
@@ -319,13 +338,13 @@ def test_inspector_grid_renders(run, page):
     state = inspector_now(page)
     assert state["events"] == EVENTS, f"the grid's columns should be the events in firing order: {state['events']}"
     names = [r["name"] for r in state["rows"]]
-    for expected in ["ProgressPrinter", "LearningRateScheduler", "Slow", "CallbackInspector"]:
+    for expected in ["ProgressPrinter", "LearningRateScheduler", "Gate", "CallbackInspector"]:
         assert expected in names, f"no grid row for {expected}: rows {names}"
     assert all(r["checked"] is True for r in state["rows"]), f"each callback should have a ticked checkbox: {state['rows']}"
     assert state["options"] == EVENTS and state["selected"] in EVENTS, f"event dropdown: {state['options']}"
-    slow = next(r for r in state["rows"] if r["name"] == "Slow")
-    handled = {e for e, text in zip(EVENTS, slow["cells"]) if text}
-    assert handled == {"batch_end"}, f"Slow handles batch_end only, the grid shows {handled}"
+    gate = next(r for r in state["rows"] if r["name"] == "Gate")
+    handled = {e for e, text in zip(EVENTS, gate["cells"]) if text}
+    assert handled == {"batch_end"}, f"Gate handles batch_end only, the grid shows {handled}"
 
 
 def test_inspector_counts_match_the_fit(run, page, digits_lengths):
@@ -337,39 +356,35 @@ def test_inspector_counts_match_the_fit(run, page, digits_lengths):
 
 
 def test_inspector_counts_change_while_the_fit_runs(run, page):
-    looks = [s["inspector"] for s in run.samples if s["inspector"] and s["inspector"]["counts"]]
-    batch_ends = [dict(zip(l["events"], l["counts"]))["batch_end"] for l in looks]
-    assert len(set(batch_ends)) >= 2, (f"the inspector's counts should change while the fit runs; batch_end counts "
-                                       f"seen in {len(run.samples)} looks: {batch_ends}")
-    assert batch_ends == sorted(batch_ends), f"counts must only grow during a fit: {batch_ends}"
+    "At each gate the widget showed exactly the batch_end events fired so far (the run waited for that), then grew."
+    shown = [dict(zip(l["events"], l["counts"]))["batch_end"] for l in (s["inspector"] for s in run.samples)]
+    assert shown == [s["batch_ends"] for s in run.samples], f"the widget at the gates: {shown}"
     final = dict(zip(EVENTS, inspector_now(page)["counts"]))["batch_end"]
-    assert any(0 < n < final for n in batch_ends), f"no look caught the fit part way: {batch_ends}, final {final}"
+    assert 0 < shown[0] < shown[1] < final, f"counts seen while the fit was held: {shown}, final {final}"
 
 
 def test_inspector_dropdown_and_checkbox_talk_to_the_kernel(run, page, output_dir):
     "The controls work in a real browser: the dropdown picks the timings table, a checkbox switches a callback off."
     out = outputs(page, "inspector")
     out.locator("select").select_option("epoch_end")
-    # the batch_end table (the default) lists Slow; epoch_end's does not, and has one call per epoch
-    page.wait_for_function(f"() => !({READ_INSPECTOR_JS})().table.includes('Slow')", timeout=30_000)
+    # the batch_end table (the default) lists Gate; epoch_end's does not, and has one call per epoch
+    page.wait_for_function(f"() => !({READ_INSPECTOR_JS})().table.includes('Gate')", timeout=30_000)
     epochs = len(history_from_page(page))
     table = inspector_now(page)["table"]
     printer = next((l.split("\t") for l in table.splitlines() if l.startswith("ProgressPrinter")), None)
     assert printer is not None and int(printer[1]) == epochs, f"epoch_end timings table: {table}"
     rows = inspector_now(page)["rows"]
-    slow = next(i for i, r in enumerate(rows) if r["name"] == "Slow")
-    out.locator(".widget-gridbox input[type=checkbox]").nth(slow).click()
-    page.wait_for_function(f"""() => {{ const r = ({READ_INSPECTOR_JS})().rows[{slow}];
+    gate = next(i for i, r in enumerate(rows) if r["name"] == "Gate")
+    out.locator(".widget-gridbox input[type=checkbox]").nth(gate).click()
+    page.wait_for_function(f"""() => {{ const r = ({READ_INSPECTOR_JS})().rows[{gate}];
         return r.checked === false && r.cells[{EVENTS.index("batch_end")}].includes('○'); }}""", timeout=30_000)
     out.screenshot(path=output_dir / "inspector_after_clicks.png")
 
 
 def test_live_loss_plot_updates_during_the_fit_and_stays(run, page, digits_lengths):
     looks = [tuple(map(tuple, s["images"])) for s in run.samples]
-    drawn = {images for images in looks if images}
-    assert len(drawn) >= 2, (f"the loss plot should be redrawn while the fit runs; {len(run.samples)} looks saw "
-                             f"{len(drawn)} different pictures")
-    assert all(len(images) <= 1 for images in looks), "the loss plot should be one image, updated in place"
+    # the run waited at each gate for one picture, a newer one at the second: an epoch had ended (and drawn) since
+    assert len(looks) == 2 and all(len(images) == 1 for images in looks) and looks[0] != looks[1], looks
     final = page.evaluate(IMAGES_JS, "fit")
     assert len(final) == 1, f"after the fit the fit cell should show one loss plot, found {len(final)} images"
     _, width, height = final[0]

@@ -10,7 +10,7 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -102,11 +102,13 @@ class LiveLossPlot(Callback):
     order = ProgressPrinter.order + 1  # after the printer: at fit_start its bars are drawn first, the chart below them
 
     def __init__(self, refresh: float = 1.0, path: str | os.PathLike | None = None, mode: str | None = None,
-                 figsize: tuple[float, float] = (6, 3.5), max_points: int = 1000):
+                 figsize: tuple[float, float] = (6, 3.5), max_points: int = 1000,
+                 clock: Callable[[], float] = time.monotonic):
         if mode not in (None, "notebook", "console"):
             raise ValueError(f"mode must be 'notebook', 'console' or None (automatic), got {mode!r}")
         if refresh < 0: raise ValueError(f"refresh is the least number of seconds between redraws, got {refresh!r}")
         self.refresh, self.path, self.mode, self.figsize = refresh, path, mode, figsize
+        self.clock = clock  # seconds, read to space out redraws; a test can pass a clock of its own
         self.summary = StepSummary(max_points)
         self._reset()
 
@@ -138,14 +140,14 @@ class LiveLossPlot(Callback):
         self._reset()
         self._drawing = (self.mode or ("notebook" if fp.IN_NOTEBOOK else "console")) == "notebook"
         self._last_step = loop.step
-        self._next_draw = time.monotonic() + self.refresh
+        self._next_draw = self.clock() + self.refresh
 
     def batch_end(self, loop) -> None:
         if loop.phase is not Phase.training or loop.step == self._last_step: return  # no optimizer step, nothing to plot
         self._last_step = loop.step
         self._pending.append(loop.last_step_loss.detach())
         self._pending_steps.append(loop.step)
-        if self._drawing and time.monotonic() >= self._next_draw: self._draw()
+        if self._drawing and self.clock() >= self._next_draw: self._draw()
         elif len(self._pending) >= _COLLECT_EVERY: self._collect()
 
     def epoch_end(self, loop) -> None:
@@ -169,7 +171,7 @@ class LiveLossPlot(Callback):
 
     def _draw(self, save: bool = False) -> None:
         self._collect()
-        started = time.monotonic()
+        started = self.clock()
         try:
             if not (self._drawing or (save and self.path is not None)): return
             figure = self.figure()
@@ -180,7 +182,7 @@ class LiveLossPlot(Callback):
         finally:
             # A redraw costs tens of milliseconds, more on a busy machine: wait at least nine times as long
             # before the next one, so drawing never takes more than about a tenth of the fit.
-            now = time.monotonic()
+            now = self.clock()
             self._next_draw = now + max(self.refresh, 9 * (now - started))
 
     # -- the picture ------------------------------------------------------------------------------

@@ -66,10 +66,10 @@ class CallbackInspector(Callback):
     "Counts events, times every callback's handlers, and shows it all as a live widget (Jupyter) or `report()`."
     order = Order.observe  # first at every event: a later callback's CancelBatch cannot hide an event from the counts
 
-    def __init__(self, refresh: float = 0.25, log_size: int = 20):
+    def __init__(self, refresh: float = 0.25, log_size: int = 20, clock: Callable[[], float] = time.perf_counter):
         if refresh < 0: raise ValueError(f"refresh is the least number of seconds between widget updates, got {refresh!r}")
         if log_size < 1: raise ValueError(f"log_size must be at least 1, got {log_size!r}")
-        self.refresh, self.loop = refresh, None
+        self.refresh, self.loop, self.clock = refresh, None, clock
         self.callbacks: list[Any] = []  # the rows: the fit's callbacks in run order
         self.names: list[str] = []
         self.state: dict[str, Any] = {}
@@ -118,7 +118,7 @@ class CallbackInspector(Callback):
     def wrap_handler(self, callback: Any, event: Event, fn: Callable) -> Callable:
         "Each handler of the fit, timed into its (callback, event) cell; the next table built without us is untimed."
         if callback is self: return fn
-        handler = _timed(fn, self._cells.setdefault((id(callback), event.value), [0.0, 0]))
+        handler = _timed(fn, self._cells.setdefault((id(callback), event.value), [0.0, 0]), self.clock)
         if event != Event.fit_end: return handler
         def timed_then_refresh(loop):  # the inspector runs first at fit_end: redraw after the others too
             result = handler(loop)
@@ -161,10 +161,10 @@ class CallbackInspector(Callback):
     def _saw(self, loop, event: str, epoch_index, batch_index, phase) -> None:
         self._counts[event] += 1
         self._log.append((event, epoch_index, batch_index, phase))
-        if self._view is not None and time.monotonic() >= self._next_refresh: self._refresh(loop)
+        if self._view is not None and self.clock() >= self._next_refresh: self._refresh(loop)
 
     def _refresh(self, loop) -> None:
-        self._next_refresh = time.monotonic() + self.refresh
+        self._next_refresh = self.clock() + self.refresh
         self.state = {"epoch_index": loop.epoch_index, "epoch_count": loop.epoch_count, "batch_index": loop.batch_index,
                       "batch_count": loop.batch_count, "step": loop.step, "phase": loop.phase,
                       "learning_rate": loop.learning_rate, "last_stats": _read_stats(loop)}
