@@ -9,6 +9,7 @@ import hashlib
 import os
 import re
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -209,10 +210,9 @@ class Checkpoint(Callback):
     def batch_end(self, loop) -> None:
         if self.every_steps is None or loop.phase != "training": return
         stepped, self._step_seen = loop.step != self._step_seen, loop.step
-        if stepped and loop.step % self.every_steps == 0 and self._writes(loop): self._save_step(loop, loop.state_dict())
+        if stepped and loop.step % self.every_steps == 0: self._save_step(loop, loop.state_dict())  # on every rank
 
     def epoch_end(self, loop) -> None:
-        if not self._writes(loop): return
         improved = False
         if self.monitor is not None:
             value = self.monitor.read(loop, owner="Checkpoint")
@@ -220,15 +220,26 @@ class Checkpoint(Callback):
         if not improved and (self.every_epochs is None or (loop.epoch_index + 1) % self.every_epochs): return
         state = loop.state_dict()
         if self.every_epochs is not None and (loop.epoch_index + 1) % self.every_epochs == 0: self._save_step(loop, state)
-        if improved: save_checkpoint(state, self.directory / "best.pt")
+        if improved and self._writes(loop): save_checkpoint(state, self.directory / "best.pt")
 
     def fit_end(self, loop) -> None:
-        if isinstance(loop.exception, (KeyboardInterrupt, SystemExit)) and self._writes(loop):
-            self._save_step(loop, loop.state_dict())
+        if not isinstance(loop.exception, (KeyboardInterrupt, SystemExit)) or not self._writes(loop): return
+        if getattr(loop, "world_size", 1) > 1:  # the ranks may have stopped at different batches: no collective here
+            newest = latest_checkpoint(self.directory)
+            warnings.warn(f"Checkpoint: no checkpoint written at the {type(loop.exception).__name__}: under torchrun "
+                          "the ranks may stop at different points, and gathering their unfinished sums there could "
+                          "hang. "
+                          f"The newest in {self.directory} is {newest.name if newest else 'none'}; every_steps bounds "
+                          "what a stop loses", stacklevel=2)
+            return
+        self._save_step(loop, loop.state_dict())
 
-    def _writes(self, loop) -> bool: return getattr(loop, "rank", 0) == 0
+    def _writes(self, loop) -> bool:
+        "Only rank 0 writes; under torchrun every rank still takes loop.state_dict() with it, a collective call."
+        return getattr(loop, "rank", 0) == 0
 
     def _save_step(self, loop, state: dict[str, Any]) -> None:
+        if not self._writes(loop): return
         self.last_saved = save_checkpoint(state, self.directory / checkpoint_name(loop.step))
         if self.keep_last is not None: prune_checkpoints(self.directory, self.keep_last)
 

@@ -112,6 +112,14 @@ def _loss_limits(losses: list[float], smoothed: list[float]) -> tuple[float, flo
     return bottom - margin, top + margin
 
 # %% ../../nbs/15_callbacks.lr_finder.ipynb #452916e4
+def _mean_over_ranks(loss: torch.Tensor, loop) -> torch.Tensor:
+    "Under torchrun, the step's loss averaged over ranks (one all-reduce): every rank records, smooths and stops alike."
+    if getattr(loop, "world_size", 1) == 1: return loss
+    import torch.distributed as dist
+    total = loss.float().clone()
+    dist.all_reduce(total)
+    return total / loop.world_size
+
 class _RangeTest(Callback):
     "Sets step i's rate at `batch_start`, records its loss at `batch_end`, and ends the fit when done or diverged."
     def __init__(self, rates: list[float], beta: float, divergence: float):
@@ -136,7 +144,7 @@ class _RangeTest(Callback):
     def batch_end(self, loop) -> None:
         if loop.phase != "training" or loop.last_step_loss is None: return
         # A host read every step (a sync on an accelerator): the test must decide now whether to take another step.
-        loss = float(loop.last_step_loss.detach())
+        loss = float(_mean_over_ranks(loop.last_step_loss.detach(), loop))
         self.losses.append(loss)
         self._average = self.beta * self._average + (1 - self.beta) * loss
         smoothed = self._average / (1 - self.beta ** len(self.losses))
@@ -253,8 +261,9 @@ def lr_find(loop: Any, model: torch.nn.Module, start_lr: float = 1e-7, end_lr: f
     test = _RangeTest(range_test_rates(float(start_lr), float(end_lr), int(num_steps)), smoothing, divergence)
     finder = TrainingLoop(loop.training, None, loop.optimizer, loss_func=loop.loss_func,
                           callbacks=[test, *callbacks], include_default_callbacks=False)
-    batches = _length(loop.training)
-    epochs = math.ceil(num_steps / batches) if batches else int(num_steps)  # enough epochs to reach num_steps
+    # Enough epochs for num_steps steps (the test ends the fit at its last rate): at least one step each. The data's
+    # len() cannot tell more, since under torchrun each rank gets only its share of the batches it counts.
+    epochs = int(num_steps)
     snapshot = _Snapshot(model, loop.optimizer, loop.training)
     try: finder.fit(model, epochs=epochs, device=device, **fit_options)
     finally: snapshot.restore(model, loop.optimizer, loop.training)
