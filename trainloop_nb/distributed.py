@@ -197,7 +197,7 @@ def state_for_rank(state: dict[str, Any], rank: int, world_size: int, source: st
     if ranks is None and saved == world_size: return state  # one process's, or this rank's own (loop.resume())
     phase = state["position"].get("phase")
     if phase is None: return state  # between phases nothing is per rank but the RNGs: rank 0's serve every rank
-    from .callbacks.checkpoint import CheckpointError  # here: no callback module is loaded with this one
+    from trainloop_nb.callbacks.checkpoint import CheckpointError  # here: no callback module is loaded with this one
     raise CheckpointError(f"{source} was written inside the {phase} phase by {saved} process{'es' * (saved > 1)}, "
                           f"each with its own unfinished metric sums and position; resume it with {saved} "
                           f"(torchrun --nproc_per_node={saved}), not {world_size}, or from a checkpoint written at an "
