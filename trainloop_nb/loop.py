@@ -836,8 +836,7 @@ class TrainingLoop:
         self._rng = _BatchStartRng()
 
     def state_dict(self) -> dict[str, Any]:
-        """The run at its last completed step: model, optimizer, position, history, RNGs and callback states (what a
-        checkpoint holds). Under torchrun it is a collective call: every rank calls it at the same point."""
+        "The run at its last completed step (what a checkpoint holds); under torchrun a collective call, on every rank."
         if self.model is None: raise RuntimeError("state_dict() describes a run: call it during or after fit()")
         # As with Module.state_dict(), the model's and optimizer's tensors are the live ones: save it before training goes on.
         state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), **self._run_state()}
