@@ -103,6 +103,7 @@ def shard_data(data: Iterable | None, rank: int, world_size: int, training: bool
 def same_batch_counts(count: int | None, device: torch.device, epoch: int) -> bool:
     """Whether every rank's training data has `count` batches this epoch: one collective call, made by every rank.
     Counts that differ are an error naming them; False if some rank's data has no len()."""
+    device = device if dist.get_backend() == "nccl" else torch.device("cpu")  # NCCL sends device tensors only
     mine = torch.tensor([-1 if count is None else count], dtype=torch.int64, device=device)
     gathered = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
     dist.all_gather(gathered, mine)
