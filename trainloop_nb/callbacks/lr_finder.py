@@ -268,7 +268,3 @@ def lr_find(loop: Any, model: torch.nn.Module, start_lr: float = 1e-7, end_lr: f
     try: finder.fit(model, epochs=epochs, device=device, **fit_options)
     finally: snapshot.restore(model, loop.optimizer, loop.training)
     return test.result()
-
-def _length(data: Any) -> int | None:
-    try: return len(data)
-    except TypeError: return None
