@@ -18,6 +18,7 @@ from trainloop_nb.callbacks.logging import CSVLogger
 from trainloop_nb.callbacks.progress import ProgressPrinter
 from trainloop_nb.core import Callback
 from trainloop_nb.data import TrainingEpochs, ValidationBatches
+from trainloop_nb.distributed import leave_process_group
 from trainloop_nb.loop import TrainingLoop
 
 TRAIN, VALID, FEATURES, CLASSES = 72, 34, 6, 3
@@ -70,6 +71,8 @@ def main():
     loop.fit(net, EPOCHS, device="cpu", accumulate_steps=ACCUMULATE, compile=args.compile)
     seen = {"rank": loop.rank, "world_size": loop.world_size, "step": loop.step, "syncs": counter.syncs,
             "group_alive": dist.is_initialized(), "history": loop.history}
+    leave_process_group()  # the loop made the group and keeps it for later fits; the script may end it
+    seen["group_left"] = not dist.is_initialized()
     (out / f"rank{loop.rank}.json").write_text(json.dumps(seen))
     if loop.rank == 0: torch.save({"state": net.state_dict(), "history": loop.history}, out / "result.pt")
 

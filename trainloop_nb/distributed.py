@@ -5,17 +5,22 @@
 # %% ../nbs/06_distributed.ipynb #a32b8614
 from __future__ import annotations
 
+import atexit
+import contextlib
 import os
-from typing import Any, Iterable
+import socket
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 import torch.distributed as dist
 
+from .core import add_note
 from .metrics import MatthewsCorrelation, Metric, TorchMetric, _RunningMean
 
 # %% auto #0
 __all__ = ['launched_world_size', 'in_distributed_run', 'process_device', 'join_process_group', 'leave_process_group',
-           'shard_data', 'prepare_metrics', 'sum_over_ranks']
+           'shard_data', 'same_batch_counts', 'ending_together', 'prepare_metrics', 'sum_over_ranks',
+           'gather_rank_states', 'state_for_rank', 'read_on_rank_zero']
 
 # %% ../nbs/06_distributed.ipynb #82b6a2db
 def launched_world_size() -> int:
@@ -35,28 +40,47 @@ def process_device(device: torch.device) -> torch.device:
         torch.cuda.set_device(device)
     return device
 
-def join_process_group(device: torch.device) -> tuple[int, int, bool]:
-    "`(rank, world_size, made)`: joins the script's process group, or makes one (NCCL on CUDA, gloo on the CPU)."
+_made_group = False  # whether trainloop_nb made the process group (then it is ours to destroy)
+
+def join_process_group(device: torch.device) -> tuple[int, int]:
+    "`(rank, world_size)`: joins the process group, or makes it (NCCL on CUDA, gloo on the CPU), once per process."
+    global _made_group
     if not dist.is_available():
         raise RuntimeError("this PyTorch build has no torch.distributed; run the script without torchrun")
-    if dist.is_initialized(): return dist.get_rank(), dist.get_world_size(), False
+    if dist.is_initialized(): return dist.get_rank(), dist.get_world_size()  # the script's, or an earlier fit's
     backend = "nccl" if device.type == "cuda" else "gloo"
     try: dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
     except ValueError as error:  # e.g. MASTER_ADDR missing: started by hand rather than by torchrun
         raise RuntimeError(f"could not make the {backend} process group ({error}); launch the script with "
                            "torchrun --nproc_per_node=N script.py, which sets the environment it needs") from error
-    return dist.get_rank(), dist.get_world_size(), True
+    if not _made_group: atexit.register(leave_process_group)  # registered once per process
+    _made_group = True
+    return dist.get_rank(), dist.get_world_size()
 
-def leave_process_group(made: bool) -> None:
-    "Destroy the process group if `join_process_group` made it; a script's own group is left to the script."
-    if made and dist.is_initialized(): dist.destroy_process_group()
+def leave_process_group() -> None:
+    "Destroy the process group the loop made (done by itself at interpreter exit); a script's own group is left alone."
+    global _made_group
+    if _made_group and dist.is_initialized(): dist.destroy_process_group()
+    _made_group = False
 
 # %% ../nbs/06_distributed.ipynb #e41e3dae
-def _has_distributed_sampler(data: Any) -> bool:
+def _distributed_sampler(data: Any) -> Any:
+    "The `DistributedSampler` a DataLoader draws from (as its sampler or its batch sampler's), or None."
     from torch.utils.data.distributed import DistributedSampler
-    sampler = getattr(data, "sampler", None)
-    batch_sampler = getattr(getattr(data, "batch_sampler", None), "sampler", None)
-    return isinstance(sampler, DistributedSampler) or isinstance(batch_sampler, DistributedSampler)
+    for sampler in (getattr(data, "sampler", None), getattr(getattr(data, "batch_sampler", None), "sampler", None)):
+        if isinstance(sampler, DistributedSampler): return sampler
+    return None
+
+def _check_unpadded(sampler: Any) -> None:
+    "Validation counts every sample once: a DistributedSampler that pads (or drops) to share evenly is refused."
+    samples = len(sampler.dataset)
+    if sampler.total_size == samples: return
+    how = (f"repeats {sampler.total_size - samples} of them" if sampler.total_size > samples
+           else f"leaves out {samples - sampler.total_size} of them (drop_last=True)")
+    raise ValueError(f"the validation DataLoader's DistributedSampler shares {samples} samples among "
+                     f"{sampler.num_replicas} processes and {how}, so the validation metrics would not count each "
+                     "sample once; use ValidationBatches (split without duplicates), or a sampler that gives each "
+                     "sample to exactly one process without padding")
 
 def shard_data(data: Iterable | None, rank: int, world_size: int, training: bool) -> bool:
     "Give this rank its share of `data`; returns whether each rank sees a different part (so metrics are summed)."
@@ -65,12 +89,43 @@ def shard_data(data: Iterable | None, rank: int, world_size: int, training: bool
         data.set_rank(rank, world_size)  # also in a single process, where (0, 1) undoes an earlier run's split
         return world_size > 1
     if world_size == 1: return False
-    if _has_distributed_sampler(data): return True
+    sampler = _distributed_sampler(data)
+    if sampler is not None:
+        if not training: _check_unpadded(sampler)  # in training, a repeated sample only weighs a step a little more
+        return True
     if training:
         raise TypeError(f"in a distributed run each process needs its own share of the training data, but "
                         f"{type(data).__name__} cannot be split by the loop; use TrainingEpochs, or a DataLoader "
                         "with sampler=DistributedSampler(dataset) (and call its set_epoch each epoch)")
     return False
+
+# %% ../nbs/06_distributed.ipynb #d9f1c70f
+def same_batch_counts(count: int | None, device: torch.device, epoch: int) -> bool:
+    """Whether every rank's training data has `count` batches this epoch: one collective call, made by every rank.
+    Counts that differ are an error naming them; False if some rank's data has no len()."""
+    device = device if dist.get_backend() == "nccl" else torch.device("cpu")  # NCCL sends device tensors only
+    mine = torch.tensor([-1 if count is None else count], dtype=torch.int64, device=device)
+    gathered = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, mine)
+    counts = [int(c) for c in gathered]  # one read from the device per epoch
+    if -1 in counts: return False  # some rank's data has no len(): see ending_together
+    if len(set(counts)) == 1: return True
+    raise ValueError(f"the ranks have different numbers of training batches in epoch {epoch} (" +
+                     ", ".join(f"rank {r}: {c} batches" for r, c in enumerate(counts)) + "); every rank must take the "
+                     "same steps, since each step averages gradients over all of them. Give every rank as many batches "
+                     "(drop_last=True, or a sampler that pads or trims each rank's share to one length)")
+
+@contextlib.contextmanager
+def ending_together(ddp: torch.nn.parallel.DistributedDataParallel, epoch: int) -> Iterator[None]:
+    "For training data without len(): DDP's join, which ends every rank with an error when one runs out of batches."
+    try:
+        with ddp.join(throw_on_early_termination=True): yield
+    except RuntimeError as error:
+        if "exhausted" in str(error):  # torch's words: "... at least one rank that exhausted inputs ..."
+            add_note(error, f"the ranks' training data gave different numbers of training batches in epoch {epoch} "
+                            "(data without len(), so they could not be counted first); every rank must take the "
+                            "same steps")
+        raise
 
 # %% ../nbs/06_distributed.ipynb #b7dec689
 def _state_names(metric: Metric) -> tuple[str, ...] | None:
@@ -113,3 +168,56 @@ def sum_over_ranks(metrics: Iterable[Metric], device: torch.device) -> None:
 
 def _to_cpu(value: Any) -> Any:
     return value.detach().cpu() if isinstance(value, torch.Tensor) else value
+
+# %% ../nbs/06_distributed.ipynb #ec194e3e
+# What a run state holds that differs by rank: its RNGs and its data's position, and in its position the unfinished
+# phase's metric sums, the generators at the phase's and the batch's start, and where its loss first was not finite.
+_RANK_OWN, _RANK_OWN_POSITION = ("rng", "data"), ("metrics", "phase_start", "batch_rng", "nonfinite")
+
+def _on_cpu(value: Any) -> Any:
+    if isinstance(value, torch.Tensor): return value.detach().cpu()
+    if isinstance(value, dict): return {k: _on_cpu(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)): return type(value)(_on_cpu(v) for v in value)
+    return value
+
+def gather_rank_states(state: dict[str, Any]) -> dict[str, Any]:
+    "The run state with each rank's own parts (RNGs, unfinished sums) under `ranks`: a collective call, on every rank."
+    position = state["position"]
+    mine = _on_cpu({**{k: state[k] for k in _RANK_OWN if k in state},
+                    "position": {k: position[k] for k in _RANK_OWN_POSITION if k in position}})
+    ranks: list = [None] * dist.get_world_size()
+    dist.all_gather_object(ranks, mine)
+    return {**state, "ranks": ranks}
+
+def state_for_rank(state: dict[str, Any], rank: int, world_size: int, source: str) -> dict[str, Any]:
+    "The run state as rank `rank` of `world_size` resumes it: its own RNGs and sums (in a phase: same world size only)."
+    ranks, saved = state.get("ranks"), state.get("world_size", 1)
+    if ranks is not None and len(ranks) == world_size:
+        own = ranks[rank]
+        return {**state, **own, "position": {**state["position"], **own["position"]}}
+    if ranks is None and saved == world_size: return state  # one process's, or this rank's own (loop.resume())
+    phase = state["position"].get("phase")
+    if phase is None: return state  # between phases nothing is per rank but the RNGs: rank 0's serve every rank
+    from trainloop_nb.callbacks.checkpoint import CheckpointError  # here: no callback module is loaded with this one
+    raise CheckpointError(f"{source} was written inside the {phase} phase by {saved} process{'es' * (saved > 1)}, "
+                          f"each with its own unfinished metric sums and position; resume it with {saved} "
+                          f"(torchrun --nproc_per_node={saved}), not {world_size}, or from a checkpoint written at an "
+                          "epoch's end (Checkpoint(every_epochs=1))")
+
+def read_on_rank_zero(read: Callable[[], Any], what: str) -> Any:
+    "`read()` on rank 0, its result handed to every rank (a collective call); if it fails, every rank raises alike."
+    box, failure = [None], None
+    if dist.get_rank() == 0:
+        try: box = [(True, read())]
+        except Exception as error:
+            failure = error
+            node = f"host {socket.gethostname()}, node {os.environ.get('GROUP_RANK', '0')}"
+            box = [(False, type(error), f"{error}. Rank 0 ({node}) could not read {what}: under "
+                    "torchrun rank 0 reads the checkpoint and hands it to the other ranks, so it must be readable by "
+                    "rank 0 (on every node that rank 0 may start on)")]
+    dist.broadcast_object_list(box, src=0)
+    if box[0][0]: return box[0][1]
+    _, kind, message = box[0]
+    try: error = kind(message)
+    except Exception: error = RuntimeError(message)
+    raise error from failure  # on rank 0 the original error is the cause

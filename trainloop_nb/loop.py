@@ -19,8 +19,9 @@ import torch.nn.functional as F
 from .core import (DEFAULT_CALLBACKS, CancelBatch, CancelEpoch, CancelException, CancelFit,
                                CancelTraining, CancelValidation, Event, Phase, add_note, default_device,
                                event_handlers, note_callback_error, to_device)
-from .distributed import (in_distributed_run, join_process_group, leave_process_group, prepare_metrics,
-                                      process_device, shard_data, sum_over_ranks)
+from .distributed import (ending_together, gather_rank_states, in_distributed_run, join_process_group,
+                                      prepare_metrics, process_device, read_on_rank_zero, same_batch_counts, shard_data,
+                                      state_for_rank, sum_over_ranks)
 from .metrics import Metric, make_metrics
 
 # %% auto #0
@@ -629,7 +630,7 @@ class TrainingLoop:
         one_batch = self._training_batch if training else self._validation_batch
         batches, done = self._iterate(data)  # iter(data); resuming, moved past the `done` batches of the stopped run
         if training and self.accumulate_steps > 1 and self.batch_count is None: batches = self._marking_last(batches)
-        with torch.set_grad_enabled(training):
+        with torch.set_grad_enabled(training), self._ranks_in_step(data, training):
             try:
                 for self.batch_index, batch in enumerate(batches, start=done):
                     one_batch(batch)
@@ -724,6 +725,12 @@ class TrainingLoop:
         if training: self._rng.batch_end()
 
     # -- precision, accumulation, compile, distributed: the per-batch pieces, then set-up and tear-down per fit --
+    def _ranks_in_step(self, data: Iterable, training: bool) -> contextlib.AbstractContextManager:
+        "Under torchrun, ranks with different numbers of training batches end with an error, not a hang."
+        if not training or self._ddp is None: return _NO_CONTEXT
+        if same_batch_counts(_length(data), self.device, self.epoch_index + 1): return _NO_CONTEXT  # one collective
+        return ending_together(self._ddp, self.epoch_index + 1)  # data without len(): DDP's join, collective per batch
+
     def _group_position(self) -> tuple[bool, bool]:
         "Whether this training batch starts a group of `accumulate_steps` batches, and whether it ends one (and steps)."
         n = self.accumulate_steps
@@ -774,10 +781,10 @@ class TrainingLoop:
         if distributed: self.device = process_device(self.device)
         self._autocast, self.scaler = _precision_tools(self.precision, self.device)
         self._plain_step = self.precision == "32" and self.accumulate_steps == 1
-        self._gradient_factor, self._last_of_epoch, self._step_hook, self._made_group = 1.0, False, None, False
+        self._gradient_factor, self._last_of_epoch, self._step_hook = 1.0, False, None
         self._inside_group = False
         rank, world_size = 0, 1
-        if distributed: rank, world_size, self._made_group = join_process_group(self.device)
+        if distributed: rank, world_size = join_process_group(self.device)  # made once per process, kept for later fits
         self.rank, self.world_size = rank, world_size
         try:
             self.model = model.to(self.device)
@@ -800,12 +807,10 @@ class TrainingLoop:
         self._optimizer_stepped = True
 
     def _tear_down_devices(self) -> None:
-        "Undo what `_set_up_devices` set up for this fit only: the step hook, the wrappers, a process group the loop made."
+        "Undo what `_set_up_devices` set up for this fit only: the step hook and the wrappers (not the process group)."
         if self._step_hook is not None: self._step_hook.remove()
         self._step_hook, self._ddp = None, None
         self._training_model = self._inference_model = self.model
-        leave_process_group(self._made_group)
-        self._made_group = False
 
     def _fit_end(self) -> None:
         "Every fit_end handler runs, even after another failed: the first error is raised (or noted on the fit's own)."
@@ -862,10 +867,13 @@ class TrainingLoop:
         self._rng, self._batch = _BatchStartRng(), None
 
     def state_dict(self) -> dict[str, Any]:
-        "The run at its last completed step: model, optimizer, position, history, RNGs and callback states (what a checkpoint holds)."
+        "The run at its last completed step (what a checkpoint holds); under torchrun a collective call, on every rank."
         if self.model is None: raise RuntimeError("state_dict() describes a run: call it during or after fit()")
         # As with Module.state_dict(), the model's and optimizer's tensors are the live ones: save it before training goes on.
-        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), **self._run_state()}
+        state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), **self._run_state()}
+        # Under torchrun each rank's unfinished sums and RNGs join the state: a collective call, so every rank calls it.
+        if self.world_size > 1: state = gather_rank_states(state)
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         "Make the next `fit` continue the run `state` came from (a `state_dict()` or a loaded checkpoint), as `resume_from=state` does."
@@ -885,6 +893,7 @@ class TrainingLoop:
         return {"version": _STATE_VERSION, "step": self.step, "epoch_count": self.epoch_count, "options": self._options(),
                 "optimizer_class": type(self.optimizer).__qualname__, "batch_sizes": _batch_sizes(self),
                 "history": copy.deepcopy(self.history), "position": self._position(), "rng": _rng_state(self.device),
+                "world_size": self.world_size,  # a state written inside a phase resumes on as many processes
                 "data": {"training": _data_state(self.training), "validation": _data_state(self.validation)},
                 "callbacks": {key: cb.state_dict() for key, cb in _stateful_callbacks(self.callbacks).items()},
                 "scaler": self.scaler.state_dict() if self.scaler is not None else None}  # "16-mixed": its scale
@@ -937,8 +946,9 @@ class TrainingLoop:
             resume_from, source = self._pending_state, "the state given to load_state_dict"
         self._pending_state = None
         if resume_from is None: return
-        if not isinstance(resume_from, dict): resume_from, source = _read_checkpoint(resume_from)
+        if not isinstance(resume_from, dict): resume_from, source = self._read_resume_file(resume_from)
         _check_run_state(resume_from, source)
+        resume_from = state_for_rank(resume_from, self.rank, self.world_size, source)  # this rank's own sums and RNGs
         self._check_state_fits(resume_from, source)  # before anything is loaded: a mismatch changes nothing
         if "model" in resume_from: self.model.load_state_dict(resume_from["model"])
         if "optimizer" in resume_from:
@@ -951,6 +961,11 @@ class TrainingLoop:
         _load_callback_states(self.callbacks, resume_from["callbacks"], source)  # before fit_start, which keeps them
         if self.scaler is not None and resume_from.get("scaler"): self.scaler.load_state_dict(resume_from["scaler"])
         self._resume = resume_from
+
+    def _read_resume_file(self, path: str | os.PathLike) -> tuple[dict, str]:
+        "The checkpoint at `path`; under torchrun read by rank 0 and handed to every rank (nodes may share no disk)."
+        if self.world_size == 1: return _read_checkpoint(path)
+        return read_on_rank_zero(partial(_read_checkpoint, path), f"the checkpoint {path}")
 
     def _check_state_fits(self, state: dict[str, Any], source: str) -> None:
         self._check_same_set_up(state, source)

@@ -374,33 +374,41 @@ class Checkpoint(Callback):
         if loop.last_step_loss is not None: self._counted_epoch = loop.epoch_index  # its mean loss now means something
         if self.every_steps is None: return
         stepped, self._step_seen = loop.step != self._step_seen, loop.step
-        if stepped and loop.step % self.every_steps == 0 and self._writes(loop) and self._state_is_good(loop):
-            self._save_step(loop, loop.state_dict())
+        if stepped and loop.step % self.every_steps == 0 and self._state_is_good(loop):
+            self._save_step(loop, loop.state_dict())  # the state on every rank (a collective under torchrun), written by rank 0
 
     def epoch_end(self, loop) -> None:
-        if not self._writes(loop): return
         value = self.monitor.read(loop, owner="Checkpoint") if self.monitor is not None else None
         improved = self.monitor is not None and self.monitor.improves(value, self.best)
         due = self.every_epochs is not None and (loop.epoch_index + 1) % self.every_epochs == 0
         if not (improved or due) or not self._state_is_good(loop): return
         if improved: self.best = value  # before the state is taken, so best.pt holds it
-        state = loop.state_dict()
+        state = loop.state_dict()  # on every rank, as at batch_end
         if due: self._save_step(loop, state)
-        if improved: save_checkpoint(state, self.directory / "best.pt")
+        if improved and self._writes(loop): save_checkpoint(state, self.directory / "best.pt")
 
     def fit_end(self, loop) -> None:
         try:
-            stopped = isinstance(loop.exception, (KeyboardInterrupt, SystemExit))
-            if stopped and self._writes(loop) and self._state_is_good(loop): self._save_step(loop, loop.state_dict())
+            if not isinstance(loop.exception, (KeyboardInterrupt, SystemExit)) or not self._writes(loop): return
+            if getattr(loop, "world_size", 1) > 1:  # the ranks may have stopped at different batches: no collective here
+                newest = latest_checkpoint(self.directory)
+                warnings.warn(f"Checkpoint: no checkpoint written at the {type(loop.exception).__name__}: under torchrun "
+                              "the ranks may stop at different points, and gathering their unfinished sums there could "
+                              f"hang. The newest in {self.directory} is {newest.name if newest else 'none'}; every_steps "
+                              "bounds what a stop loses", stacklevel=2)
+                return
+            if self._state_is_good(loop): self._save_step(loop, loop.state_dict())
         finally:
             if self._lock is not None: _unlock_directory(*self._lock)
             self._lock = None
-
-    def _writes(self, loop) -> bool: return getattr(loop, "rank", 0) == 0
+    def _writes(self, loop) -> bool:
+        "Only rank 0 writes; under torchrun every rank still takes loop.state_dict() with it, a collective call."
+        return getattr(loop, "rank", 0) == 0
 
     def _training_loss(self, loop) -> float | None:
         "The epoch's mean training loss so far (a wait for the device), or None before any training batch counted."
         if loop.phase == "training":  # (an empty phase's mean is nan: no batch of this epoch has been counted yet)
+            if getattr(loop, "world_size", 1) > 1: return None  # each rank's own: ranks could disagree on a collective
             return loop.last_stats.get("loss") if self._counted_epoch == loop.epoch_index else None
         record = loop.history[-1] if loop.history else {}  # after training: this epoch's record, at its epoch_end
         return record.get("train_loss") if record.get("epoch") == loop.epoch_index + 1 else None
@@ -418,6 +426,7 @@ class Checkpoint(Callback):
         return False
 
     def _save_step(self, loop, state: dict[str, Any]) -> None:
+        if not self._writes(loop): return
         self.last_saved = save_checkpoint(state, self.directory / checkpoint_name(loop.step))
         if self.keep_last is not None: prune_checkpoints(self.directory, self.keep_last)
 

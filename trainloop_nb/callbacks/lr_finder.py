@@ -126,6 +126,14 @@ def _loss_limits(losses: list[float], smoothed: list[float], whole: bool = False
     return bottom - margin, top + margin
 
 # %% ../../nbs/15_callbacks.lr_finder.ipynb #452916e4
+def _mean_over_ranks(loss: torch.Tensor, loop) -> torch.Tensor:
+    "Under torchrun, the step's loss averaged over ranks (one all-reduce): every rank records, smooths and stops alike."
+    if getattr(loop, "world_size", 1) == 1: return loss
+    import torch.distributed as dist
+    total = loss.float().clone()
+    dist.all_reduce(total)
+    return total / loop.world_size
+
 class _RangeTest(Callback):
     "Sets optimizer step i's rate as its batches start, records the mean of their losses, ends when done or diverged."
     def __init__(self, rates: list[float], beta: float, divergence: float):
@@ -149,7 +157,8 @@ class _RangeTest(Callback):
     def batch_end(self, loop) -> None:
         if loop.phase != "training": return
         # A host read every batch (a sync on an accelerator): the test must decide now whether to take another step.
-        if loop.last_step_loss is not None: self._step_losses.append(float(loop.last_step_loss.detach()))
+        # Under torchrun the loss is the mean over the ranks (a collective every rank makes): one curve for all.
+        if loop.last_step_loss is not None: self._step_losses.append(float(_mean_over_ranks(loop.last_step_loss.detach(), loop)))
         if not self._stepped: return  # inside an accumulation group: its step comes with a later batch
         loss = sum(self._step_losses) / len(self._step_losses)
         self._step_losses, self._stepped = [], False
@@ -288,21 +297,12 @@ def lr_find(loop: Any, model: torch.nn.Module, start_lr: float = 1e-7, end_lr: f
     test = _RangeTest(range_test_rates(float(start_lr), float(end_lr), int(num_steps)), smoothing, divergence)
     finder = TrainingLoop(loop.training, None, loop.optimizer, loss_func=loop.loss_func,
                           callbacks=[test, *callbacks], include_default_callbacks=False)
-    steps = _steps_per_epoch(_length(loop.training), fit_options.get("accumulate_steps", 1))
-    epochs = math.ceil(num_steps / steps) if steps else int(num_steps)  # enough epochs to reach num_steps
+    # Enough epochs for num_steps steps (the test ends the fit at its last rate): at least one step each. The data's
+    # len() cannot tell more, since under torchrun each rank gets only its share of the batches it counts.
+    epochs = int(num_steps)
     snapshot = _Snapshot(model, loop.optimizer, loop.training)
     try: finder.fit(model, epochs=epochs, device=device, **fit_options)
     finally: snapshot.restore(model, loop.optimizer, loop.training)
     result = test.result()
     if result.reason is not None: warnings.warn(f"lr_find has no suggestion: {result.reason}", stacklevel=2)
     return result
-
-def _steps_per_epoch(batches: int | None, accumulate_steps: Any) -> int | None:
-    "Optimizer steps in an epoch of `batches` (a short group at the end steps too); None if not known."
-    if batches is None or isinstance(accumulate_steps, bool) or not isinstance(accumulate_steps, int) \
-            or accumulate_steps < 1: return None  # a bad value is fit's to refuse, with its own message
-    return math.ceil(batches / accumulate_steps)
-
-def _length(data: Any) -> int | None:
-    try: return len(data)
-    except TypeError: return None
