@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import datetime
 import os
 import socket
 from typing import Any, Callable, Iterable, Iterator
@@ -60,7 +61,11 @@ def join_process_group(device: torch.device) -> tuple[int, int]:
 def leave_process_group() -> None:
     "Destroy the process group the loop made (done by itself at interpreter exit); a script's own group is left alone."
     global _made_group
-    if _made_group and dist.is_initialized(): dist.destroy_process_group()
+    if _made_group and dist.is_initialized():
+        if dist.get_backend() == "gloo":  # every rank reaches this point before any tears its connections down
+            try: dist.monitored_barrier(timeout=datetime.timedelta(seconds=30))
+            except RuntimeError: pass  # a rank that is gone (it failed): destroy this one's group all the same
+        dist.destroy_process_group()
     _made_group = False
 
 # %% ../nbs/06_distributed.ipynb #e41e3dae

@@ -172,8 +172,8 @@ class Accuracy(_Hits):
 
     def _compare(self, output, target) -> tuple[torch.Tensor, torch.Tensor]:
         binary = is_binary(output)
-        pred = predictions(output)
-        target = class_targets(target, pred, binary)
+        pred = (output.reshape(-1) >= 0).long() if binary else output.argmax(dim=-1)  # `predictions`, its test done
+        if target.shape != pred.shape or target.dtype != torch.int64: target = class_targets(target, pred, binary)
         return _flat(pred == target, target != IGNORE_INDEX)  # a prediction is never -100: an ignored target never hits
 
 class TopKAccuracy(_Hits):
