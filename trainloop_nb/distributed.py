@@ -177,7 +177,8 @@ def _to_cpu(value: Any) -> Any:
 # %% ../nbs/06_distributed.ipynb #ec194e3e
 # What a run state holds that differs by rank: its RNGs and its data's position, and in its position the unfinished
 # phase's metric sums, the generators at the phase's and the batch's start, and where its loss first was not finite.
-_RANK_OWN, _RANK_OWN_POSITION = ("rng", "data"), ("metrics", "phase_start", "batch_rng", "nonfinite")
+_RANK_OWN = ("rng", "data")
+_RANK_OWN_POSITION = ("metrics", "phase_start", "batch_rng", "nonfinite", "data_now", "pending_batch", "generators_now")
 
 def _on_cpu(value: Any) -> Any:
     if isinstance(value, torch.Tensor): return value.detach().cpu()
