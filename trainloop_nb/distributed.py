@@ -19,9 +19,9 @@ from .core import add_note
 from .metrics import MatthewsCorrelation, Metric, TorchMetric, _RunningMean
 
 # %% auto #0
-__all__ = ['launched_world_size', 'in_distributed_run', 'process_device', 'join_process_group', 'leave_process_group',
-           'shard_data', 'same_batch_counts', 'ending_together', 'prepare_metrics', 'sum_over_ranks',
-           'gather_rank_states', 'state_for_rank', 'read_on_rank_zero']
+__all__ = ['launched_world_size', 'in_distributed_run', 'process_device', 'join_process_group', 'note_fit_ended',
+           'leave_process_group', 'shard_data', 'same_batch_counts', 'ending_together', 'prepare_metrics',
+           'sum_over_ranks', 'gather_rank_states', 'state_for_rank', 'read_on_rank_zero']
 
 # %% ../nbs/06_distributed.ipynb #82b6a2db
 def launched_world_size() -> int:
@@ -42,6 +42,7 @@ def process_device(device: torch.device) -> torch.device:
     return device
 
 _made_group = False  # whether trainloop_nb made the process group (then it is ours to destroy)
+_ended_well = True  # whether the last fit in this process ended without an error (then every rank is at its end)
 
 def join_process_group(device: torch.device) -> tuple[int, int]:
     "`(rank, world_size)`: joins the process group, or makes it (NCCL on CUDA, gloo on the CPU), once per process."
@@ -58,11 +59,18 @@ def join_process_group(device: torch.device) -> tuple[int, int]:
     _made_group = True
     return dist.get_rank(), dist.get_world_size()
 
+def note_fit_ended(well: bool) -> None:
+    "The loop says how its last fit ended (see `leave_process_group`)."
+    global _ended_well
+    _ended_well = well
+
 def leave_process_group() -> None:
     "Destroy the process group the loop made (done by itself at interpreter exit); a script's own group is left alone."
     global _made_group
     if _made_group and dist.is_initialized():
-        if dist.get_backend() == "gloo":  # every rank reaches this point before any tears its connections down
+        # After a fit that ended well every rank reaches this point: a barrier before any tears its connections down.
+        # After an error another rank may be inside a collective that never completes: no barrier then.
+        if dist.get_backend() == "gloo" and _ended_well:
             try: dist.monitored_barrier(timeout=datetime.timedelta(seconds=30))
             except RuntimeError: pass  # a rank that is gone (it failed): destroy this one's group all the same
         dist.destroy_process_group()

@@ -20,8 +20,8 @@ from .core import (DEFAULT_CALLBACKS, CancelBatch, CancelEpoch, CancelException,
                                CancelTraining, CancelValidation, Event, Phase, add_note, default_device,
                                event_handlers, note_callback_error, to_device)
 from .distributed import (ending_together, gather_rank_states, in_distributed_run, join_process_group,
-                                      prepare_metrics, process_device, read_on_rank_zero, same_batch_counts, shard_data,
-                                      state_for_rank, sum_over_ranks)
+                                      note_fit_ended, prepare_metrics, process_device, read_on_rank_zero,
+                                      same_batch_counts, shard_data, state_for_rank, sum_over_ranks)
 from .metrics import Metric, make_metrics
 
 # %% auto #0
@@ -589,7 +589,9 @@ class TrainingLoop:
         try: self._with_events(Event.fit_start, self._epochs, None, CancelFit)
         except BaseException as error:
             self.exception = error  # fit_end sees it; then it travels on unchanged
+            note_fit_ended(well=False)  # under torchrun, other ranks may wait in a collective: no barrier at exit
             raise
+        else: note_fit_ended(well=True)
         finally:
             try: self._fit_end()
             finally:
