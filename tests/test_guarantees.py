@@ -258,15 +258,7 @@ class SignalAt(Callback):
         for _ in range(self.times): signal.raise_signal(signal.SIGINT)
 
 
-@pytest.fixture
-def python_sigint():
-    "Python's own SIGINT handler (a process started from a script may have it ignored, which the loop leaves alone)."
-    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
-    yield
-    signal.signal(signal.SIGINT, previous)
-
-
-def test_ctrl_c_inside_an_accumulation_group_stops_at_the_groups_step(tmp_path, python_sigint):
+def test_ctrl_c_inside_an_accumulation_group_stops_at_the_groups_step(tmp_path, ctrl_c_raises):
     reference, ref_model = options_run()
     reference.fit(ref_model, epochs=2, accumulate_steps=4)
     loop, model = options_run([SignalAt("batch_end", batch=6), Checkpoint(tmp_path, every_steps=100)])
@@ -278,7 +270,7 @@ def test_ctrl_c_inside_an_accumulation_group_stops_at_the_groups_step(tmp_path, 
     assert same_weights(resumed_model, ref_model)
 
 
-def test_a_second_ctrl_c_inside_a_step_writes_no_checkpoint_and_says_why(tmp_path, python_sigint):
+def test_a_second_ctrl_c_inside_a_step_writes_no_checkpoint_and_says_why(tmp_path, ctrl_c_raises):
     loop, model = options_run([SignalAt("update_start", batch=3, times=2), Checkpoint(tmp_path, every_steps=100)])
     with pytest.raises(KeyboardInterrupt) as caught: loop.fit(model, epochs=1)
     notes = " ".join(getattr(caught.value, "__notes__", []))

@@ -365,13 +365,6 @@ def test_sigterm_runs_fit_end_writes_a_checkpoint_and_exits_as_sigterm(full_proc
 
 
 # --- signals in this process ---------------------------------------------------------------------------------------
-@pytest.fixture
-def ctrl_c_raises():
-    "Python's own Ctrl-C handler for the test: a process started in the background (`cmd &` in a script) inherits SIGINT ignored."
-    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
-    yield
-    signal.signal(signal.SIGINT, previous)
-
 
 def test_ctrl_c_during_the_step_is_held_until_the_batch_is_complete(reference, tmp_path, ctrl_c_raises):
     seen = []
