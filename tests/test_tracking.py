@@ -90,6 +90,7 @@ class SetClock(Callback):
         if loop.step == 3 and self.advance: self.clock[0] = 100.0
         if loop.step == 4:
             logger = next(cb for cb in loop.callbacks if isinstance(cb, MLflowLogger))
+            logger.wait()  # the writes flushed so far are done; nothing is flushed by it
             self.seen = [s for s, _ in points(MlflowClient(f"sqlite:///{self.database}"), logger.run_id, "batch_loss")]
 
 
