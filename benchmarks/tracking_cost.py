@@ -56,7 +56,8 @@ def main() -> None:
         without.append(seconds)
         with_logger.append(fit_seconds(database, args.epochs, True)[0])
     ratios = [w / o for w, o in zip(with_logger, without)]
-    print(f"demo fit, {args.epochs} epochs ({steps} steps), {args.repeats} pairs, {args.threads} thread(s), database {database}")
+    print(f"demo fit, {args.epochs} epochs ({steps} steps), {args.repeats} pairs, {args.threads} thread(s), "
+          f"database {database}")
     print(f"without MLflowLogger: {statistics.median(without):.3f} s (median)")
     print(f"with MLflowLogger:    {statistics.median(with_logger):.3f} s (median)")
     print(f"ratio with / without: {statistics.median(ratios):.3f} (median of pairs; min {min(ratios):.3f}, "

@@ -53,7 +53,8 @@ def test_csv_tensorboard_and_mlflow_show_the_same_runs(runs):
     stamps = tensorboard_folders(folder)
     from_tensorboard = {(metric, name): lines(compare_runs(stamps[name], METRICS))[(metric, stamps[name].name)]
                         for metric in METRICS for name in histories}
-    assert from_csv.keys() == from_mlflow.keys() == from_tensorboard.keys() == {(m, n) for m in METRICS for n in histories}
+    every = {(m, n) for m in METRICS for n in histories}
+    assert from_csv.keys() == from_mlflow.keys() == from_tensorboard.keys() == every
     for (metric, name), (xs, ys) in from_mlflow.items():
         expected = [r[metric] for r in histories[name]]
         assert xs == [1, 2, 3] and ys == expected  # MLflow keeps doubles
@@ -93,7 +94,9 @@ def test_a_resumed_run_has_each_epoch_once_in_every_source(tmp_path):
         return loop.fit(model, epochs=EPOCHS, device="cpu", **kwargs)
     with pytest.raises(KeyboardInterrupt):
         fit([Checkpoint(tmp_path / "ck", every_steps=4, every_epochs=None, keep_last=None), StopAt()])
-    history = fit([Checkpoint(tmp_path / "after", every_steps=4, every_epochs=None)], resume_from=tmp_path / "ck" / checkpoint_name(4))  # back to epoch 1: epoch 1 is written again
+    # back to step 4, in epoch 1: epoch 1 and steps 5..10 were written by the stopped fit and come again
+    history = fit([Checkpoint(tmp_path / "after", every_steps=4, every_epochs=None)],
+                  resume_from=tmp_path / "ck" / checkpoint_name(4))
     stamp = next((tmp_path / "resumed" / "tensorboard").iterdir())
     for source, label in ((tmp_path / "resumed" / "log.csv", "resumed"), (stamp, stamp.name),
                           (tmp_path / "mlflow.db", "resumed")):

@@ -60,7 +60,8 @@ def test_params_history_and_per_step_values_read_back(database):
     assert run.info.run_name == "first" and run.info.status == "FINISHED"
     assert client.get_experiment(run.info.experiment_id).name == "read_back"
     params = run.data.params
-    assert (params["epochs"], params["precision"], params["accumulate_steps"], params["compile"]) == ("2", "32", "1", "False")
+    options = (params["epochs"], params["precision"], params["accumulate_steps"], params["compile"])
+    assert options == ("2", "32", "1", "False")
     assert (params["optimizer"], float(params["lr"]), float(params["momentum"])) == ("SGD", 0.1, 0.0)
     for key in ("train_loss", "train_accuracy", "valid_loss", "valid_accuracy"):
         assert points(client, logger.run_id, key) == [(r["epoch"], r[key]) for r in history]  # step = epoch number
@@ -82,9 +83,10 @@ def test_batch_metrics_false_keeps_loss_and_learning_rate_only(database):
 
 
 class SetClock(Callback):
-    "Moves the fake clock past the flush time at step 3 (if `advance`), before the logger's batch_end; reads MLflow at step 4."
+    "Step 3: moves the fake clock past the flush time (if `advance`), before the logger's batch_end. Step 4: reads MLflow."
     order = Order.default - 1
-    def __init__(self, clock, advance, database): self.clock, self.advance, self.database, self.seen = clock, advance, database, None
+    def __init__(self, clock, advance, database):
+        self.clock, self.advance, self.database, self.seen = clock, advance, database, None
     def batch_end(self, loop):
         if loop.phase != "training": return
         if loop.step == 3 and self.advance: self.clock[0] = 100.0

@@ -101,7 +101,8 @@ def test_the_picker_redraws_what_is_chosen_in_the_page(page, output_dir):
     assert shown(page) == {"metrics": ["valid_loss"], "runs": ["lr=0.01", "lr=0.1", "lr=1.0"]}
     runs, metrics = picker.locator(".run-picker-runs select"), picker.locator(".run-picker-metrics select")
     assert runs.locator("option").all_inner_texts() == ["lr=0.01", "lr=0.1", "lr=1.0"]
-    assert metrics.locator("option").all_inner_texts() == ["train_accuracy", "train_loss", "valid_accuracy", "valid_loss"]
+    options = metrics.locator("option").all_inner_texts()
+    assert options == ["train_accuracy", "train_loss", "valid_accuracy", "valid_loss"]
     before = page.evaluate(PLOT_SRC_JS)
     assert before and before.startswith(("data:image/png", "blob:")), before
     picker.screenshot(path=output_dir / "picker_first.png")
