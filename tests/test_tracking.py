@@ -83,7 +83,7 @@ def test_batch_metrics_false_keeps_loss_and_learning_rate_only(database):
 
 
 class SetClock(Callback):
-    "Step 3: moves the fake clock past the flush time (if `advance`), before the logger's batch_end. Step 4: reads MLflow."
+    "Step 3: moves the fake clock past the flush time (if `advance`), before the logger runs. Step 4: reads MLflow."
     order = Order.default - 1
     def __init__(self, clock, advance, database):
         self.clock, self.advance, self.database, self.seen = clock, advance, database, None
@@ -216,3 +216,19 @@ def test_importing_the_package_does_not_import_mlflow():
                          env={**os.environ, "PYTHONPATH": os.getcwd()})
     assert run.returncode == 0, run.stderr
     assert run.stdout.strip() == "False"
+
+
+class DeleteRunAt(Callback):
+    "Deletes the logger's MLflow run at one step, so that its later writes fail."
+    def __init__(self, database, step): self.database, self.step = database, step
+    def batch_end(self, loop):
+        if loop.phase == "training" and loop.step == self.step:
+            logger = next(cb for cb in loop.callbacks if isinstance(cb, MLflowLogger))
+            MlflowClient(f"sqlite:///{self.database}").delete_run(logger.run_id)
+
+
+def test_a_write_that_fails_in_the_writer_thread_stops_the_fit(database):
+    logger = MLflowLogger(database, experiment="failing_write")
+    loop, model = make_loop([DeleteRunAt(database, step=2), logger])
+    with pytest.raises(Exception, match="active") as failed: loop.fit(model, epochs=2, device="cpu")
+    assert "MLflowLogger" in "\n".join(getattr(failed.value, "__notes__", []))  # named, not lost in the thread
