@@ -2,6 +2,10 @@
 resumed runs have each epoch once; clear errors for a path without runs and an unknown metric; the picker redraws."""
 from __future__ import annotations
 
+import contextlib
+import shutil
+import sqlite3
+
 import pytest
 import torch
 
@@ -113,6 +117,14 @@ def test_a_path_without_runs_and_an_unknown_metric_are_explained(runs, tmp_path)
         with pytest.raises(ValueError, match="holds no run: give a CSVLogger log"): compare_runs(where)
     with pytest.raises(FileNotFoundError, match="does not exist"): compare_runs(tmp_path / "missing")
     with pytest.raises(FileNotFoundError, match="no MLflow database"): compare_runs(tmp_path / "missing.db")
+    other = tmp_path / "other.db"
+    with contextlib.closing(sqlite3.connect(other)) as db: db.execute("CREATE TABLE notes (text)")
+    before = other.read_bytes()
+    with pytest.raises(ValueError, match="is not an MLflow database"): compare_runs(other)
+    (tmp_path / "empty" / "table.csv").write_text("a,b\n1,2\n")  # neither is a run: a folder of them holds none
+    shutil.copy(other, tmp_path / "empty" / "other.db")
+    with pytest.raises(ValueError, match="holds no run"): compare_runs(tmp_path / "empty")
+    assert other.read_bytes() == before  # MLflow was never let at it
     with pytest.raises(ValueError, match="'valid_los'.*train_accuracy, train_loss, valid_accuracy, valid_loss$"):
         compare_runs(folder / "mlflow.db", "valid_los")
     with pytest.raises(ValueError, match="none of these runs has per-step values"):
