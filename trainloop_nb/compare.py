@@ -19,7 +19,7 @@ from typing import Any, Iterable
 
 from matplotlib.figure import Figure
 
-from .callbacks.tracking import _sqlite_file, tracking_uri_of
+from .callbacks.tracking import sqlite_file_of, tracking_uri_of
 
 # %% auto #0
 __all__ = ['RunRecord', 'read_csv_run', 'read_tensorboard_run', 'read_mlflow_runs', 'find_runs', 'available_metrics',
@@ -119,7 +119,7 @@ def find_runs(paths_or_folder: Any) -> list[RunRecord]:
 
 def _runs_in(where: str) -> list[RunRecord]:
     if _is_mlflow(where):
-        database = _sqlite_file(tracking_uri_of(where))  # None for a server's URI
+        database = sqlite_file_of(tracking_uri_of(where))  # None for a server's URI
         if database is not None and not database.is_file(): raise FileNotFoundError(f"no MLflow database at {where}")
         if database is not None and not _is_mlflow_database(database):
             raise ValueError(f"{where} is not an MLflow database (it has no MLflow tables); give the database "

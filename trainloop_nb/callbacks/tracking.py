@@ -17,7 +17,7 @@ import torch
 from ..core import Callback, Phase, main_process_only
 
 # %% auto #0
-__all__ = ['tracking_uri_of', 'MLflowLogger']
+__all__ = ['tracking_uri_of', 'sqlite_file_of', 'MLflowLogger']
 
 # %% ../../nbs/26_callbacks.tracking.ipynb #462690f5
 def _mlflow_classes() -> tuple[type, type, type]:
@@ -35,13 +35,13 @@ def tracking_uri_of(where: str | os.PathLike) -> str:
     where = os.fspath(where)
     return "sqlite:///" + where if "://" not in where and where.endswith(".db") else where
 
-def _sqlite_file(uri: str) -> Path | None:
+def sqlite_file_of(uri: str) -> Path | None:
     "The database file of a `sqlite:///...` URI (relative to the working folder; absolute with four slashes)."
     return Path(uri[len("sqlite:///"):].split("?")[0]) if uri.startswith("sqlite:///") else None
 
 def _check_database_writable(uri: str) -> None:
     "Make the folder of a SQLite database; a PermissionError naming the file if the database is read-only."
-    path = _sqlite_file(uri)
+    path = sqlite_file_of(uri)
     if path is None: return
     path.parent.mkdir(parents=True, exist_ok=True)  # the database itself is made on first use
     # the mode bits too: root may write anything, but a file made read-only on purpose is left alone
