@@ -39,9 +39,9 @@ def is_binary(output: torch.Tensor) -> bool:
     dim = output.dim()
     return dim == 1 or (dim == 2 and output.shape[-1] == 1)
 
-def predictions(output: torch.Tensor) -> torch.Tensor:
-    "Predicted classes: `logit >= 0` for binary outputs, else the argmax over the last dimension."
-    if is_binary(output): return (output.reshape(-1) >= 0).long()
+def predictions(output: torch.Tensor, binary: bool | None = None) -> torch.Tensor:
+    "Predicted classes: `logit >= 0` for binary outputs, else the argmax over the last dimension (`binary`: if known)."
+    if is_binary(output) if binary is None else binary: return (output.reshape(-1) >= 0).long()
     return output.argmax(dim=-1)
 
 def class_targets(target: torch.Tensor, pred: torch.Tensor, binary: bool = False) -> torch.Tensor:
@@ -172,7 +172,7 @@ class Accuracy(_Hits):
 
     def _compare(self, output, target) -> tuple[torch.Tensor, torch.Tensor]:
         binary = is_binary(output)
-        pred = (output.reshape(-1) >= 0).long() if binary else output.argmax(dim=-1)  # `predictions`, its test done
+        pred = predictions(output, binary)
         if target.shape != pred.shape or target.dtype != torch.int64: target = class_targets(target, pred, binary)
         return _flat(pred == target, target != IGNORE_INDEX)  # a prediction is never -100: an ignored target never hits
 
@@ -200,7 +200,7 @@ class MatthewsCorrelation(Metric):
     def update(self, output, target, loss) -> None:
         binary = is_binary(output)
         classes = 2 if binary else output.shape[-1]
-        pred = predictions(output)
+        pred = predictions(output, binary)
         target = class_targets(target, pred, binary)
         if target.is_floating_point():  # binary 0/1 targets; a soft one (0.7) has no row in the matrix: not counted
             counted = (target == 0) | (target == 1)
