@@ -1060,10 +1060,13 @@ class TrainingLoop:
         found = self._nonfinite.first_nonfinite()  # one read from the device
         if found is not None:
             batch, step = found
-            raise FloatingPointError(
+            error = FloatingPointError(
                 f"the training loss was not finite (nan or inf) first at epoch {self.epoch_index + 1}, batch {batch + 1} "
                 f"(step {step}); the fit stopped at the end of that epoch's training. Lower the learning rate, look for nan "
                 "or inf in the inputs and targets, or clip gradients; TrainingLoop(..., stop_on_nonfinite=False) trains on")
+            # where, for code (loop.explain_nonfinite): 1-based epoch and batch, and loop.step after that batch's step
+            error.epoch, error.batch, error.step = self.epoch_index + 1, batch + 1, step
+            raise error
 
     def _iterate(self, data: Iterable) -> tuple[Iterator, int]:
         "iter(data) and the state a resume of this phase needs; resuming inside it, moved past the batches already done."
