@@ -9,7 +9,8 @@ __all__ = []
 # %% ../nbs/99_package.ipynb #3f418476
 import importlib
 
-_MODULES = ("core", "data", "data_files", "metrics", "distributed", "loop", "models", "callbacks.progress",
+_MODULES = ("core", "data", "data_files", "metrics", "losses", "signals", "precision", "nonfinite", "checkpoint_io",
+            "distributed", "run_state", "loop", "models", "callbacks.progress",
             "callbacks.charts", "callbacks.logging", "callbacks.schedule", "callbacks.inspector", "callbacks.lr_finder",
             "callbacks.clipping", "callbacks.early_stopping", "callbacks.checkpoint", "callbacks.tracking", "summary",
             "interpret", "designer", "compare", "demo")

@@ -14,6 +14,7 @@ import re
 import socket
 import sys
 import tempfile
+import warnings
 from datetime import datetime
 from pathlib import Path
 from typing import Any

@@ -11,7 +11,7 @@ from typing import Any, Callable, Iterable
 import torch
 
 # %% auto #0
-__all__ = ['DEFAULT_CALLBACKS', 'default_device', 'to_device', 'Event', 'Phase', 'CancelException', 'CancelBatch',
+__all__ = ['DEFAULT_CALLBACKS', 'default_device', 'to_device', 'data_length', 'Event', 'Phase', 'CancelException', 'CancelBatch',
            'CancelTraining', 'CancelValidation', 'CancelEpoch', 'CancelFit', 'Order', 'Callback',
            'register_default_callback', 'callback_name', 'event_handlers', 'main_process_only', 'add_note',
            'note_callback_error']
@@ -48,6 +48,12 @@ def to_device(batch: Any, device: torch.device) -> Any:
     if isinstance(batch, list): return [to_device(o, device) for o in batch]
     if isinstance(batch, dict): return type(batch)((k, to_device(v, device)) for k, v in batch.items())
     return batch
+
+# %% ../nbs/00_core.ipynb #679cf522
+def data_length(data: Any) -> int | None:
+    "`len(data)`, or None for data without a length."
+    try: return len(data)
+    except TypeError: return None
 
 # %% ../nbs/00_core.ipynb #8aaba5a5
 class Event(str, enum.Enum):

@@ -15,13 +15,14 @@ from typing import Any, Callable, Iterable, Iterator
 import torch
 import torch.distributed as dist
 
-from .core import add_note
+from .core import add_note, data_length, default_device
 from .metrics import MatthewsCorrelation, Metric, TorchMetric, _RunningMean
 
 # %% auto #0
 __all__ = ['launched_world_size', 'in_distributed_run', 'process_device', 'join_process_group', 'note_fit_ended',
-           'leave_process_group', 'shard_data', 'same_batch_counts', 'ending_together', 'prepare_metrics',
-           'sum_over_ranks', 'gather_rank_states', 'state_for_rank', 'read_on_rank_zero']
+           'leave_process_group', 'shard_data', 'same_batch_counts', 'ending_together', 'move_optimizer_state',
+           'fit_device', 'Placement', 'prepare_metrics', 'sum_over_ranks', 'gather_rank_states', 'state_for_rank',
+           'read_on_rank_zero']
 
 # %% ../nbs/06_distributed.ipynb #82b6a2db
 def launched_world_size() -> int:
@@ -140,6 +141,48 @@ def ending_together(ddp: torch.nn.parallel.DistributedDataParallel, epoch: int) 
                             "same steps")
         raise
 
+# %% ../nbs/06_distributed.ipynb #761df1e5
+def move_optimizer_state(optimizer: torch.optim.Optimizer, device: torch.device) -> None:
+    "Move the optimizer's state tensors to `device`; a scalar `step` count stays where PyTorch keeps it (the CPU)."
+    for state in optimizer.state.values():
+        for key, value in state.items():
+            if isinstance(value, torch.Tensor) and (value.dim() > 0 or key != "step"):
+                state[key] = value.to(device, non_blocking=True)
+
+def fit_device(device: str | torch.device | None) -> torch.device:
+    "The device a fit runs on: `device` (default: the best available); under torchrun, this process's own GPU."
+    device = default_device(device)
+    return process_device(device) if in_distributed_run() else device
+
+class Placement:
+    "Where one fit runs: rank and world size, the model on its device, and the models the batches run through."
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, metrics: list[Metric],
+                 training: Iterable, validation: Iterable | None, device: torch.device, compile: bool):
+        self.device, self.ddp = device, None
+        self.rank, self.world_size = join_process_group(device) if in_distributed_run() else (0, 1)
+        self.model = model.to(device)
+        move_optimizer_state(optimizer, device)
+        self.inference_model = self.training_model = torch.compile(self.model) if compile else self.model
+        if self.world_size > 1:
+            prepare_metrics(metrics)
+            ids = [device.index] if device.type == "cuda" else None
+            self.ddp = self.training_model = torch.nn.parallel.DistributedDataParallel(self.inference_model, device_ids=ids)
+        # whether a phase's metric sums are added over ranks at its end (each rank saw its own share)
+        self.sum_over_ranks = {"training": shard_data(training, self.rank, self.world_size, training=True),
+                               "validation": shard_data(validation, self.rank, self.world_size, training=False)}
+
+    def gradient_sync(self, last: bool) -> contextlib.AbstractContextManager:
+        "DDP's `no_sync()` on the batches of an accumulation group that do not step; nothing otherwise."
+        return _NO_CONTEXT if last or self.ddp is None else self.ddp.no_sync()
+
+    def ranks_in_step(self, data: Iterable, training: bool, epoch: int) -> contextlib.AbstractContextManager:
+        "Under torchrun, ranks with different numbers of training batches end with an error, not a hang."
+        if not training or self.ddp is None: return _NO_CONTEXT
+        if same_batch_counts(data_length(data), self.device, epoch): return _NO_CONTEXT  # one collective
+        return ending_together(self.ddp, epoch)  # data without len(): DDP's join, collective per batch
+
+_NO_CONTEXT = contextlib.nullcontext()
+
 # %% ../nbs/06_distributed.ipynb #b7dec689
 def _state_names(metric: Metric) -> tuple[str, ...] | None:
     names = getattr(metric, "distributed_state", None)
@@ -212,7 +255,7 @@ def state_for_rank(state: dict[str, Any], rank: int, world_size: int, source: st
     if ranks is None and saved == world_size: return state  # one process's, or this rank's own (loop.resume())
     phase = state["position"].get("phase")
     if phase is None: return state  # between phases nothing is per rank but the RNGs: rank 0's serve every rank
-    from trainloop_nb.callbacks.checkpoint import CheckpointError  # here: no callback module is loaded with this one
+    from trainloop_nb.checkpoint_io import CheckpointError  # here: no callback module is loaded with this one
     raise CheckpointError(f"{source} was written inside the {phase} phase by {saved} process{'es' * (saved > 1)}, "
                           f"each with its own unfinished metric sums and position; resume it with {saved} "
                           f"(torchrun --nproc_per_node={saved}), not {world_size}, or from a checkpoint written at an "

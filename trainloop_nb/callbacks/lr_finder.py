@@ -286,7 +286,6 @@ def lr_find(loop: Any, model: torch.nn.Module, start_lr: float = 1e-7, end_lr: f
             device: str | torch.device | None = None, smoothing: float = 0.98, divergence: float = 4.0,
             callbacks: Iterable[Any] = (), **fit_options: Any) -> LRFinderResult:
     "The learning-rate range test with `loop`'s training data, optimizer and loss; `model` and the rest are left as found."
-    from trainloop_nb.loop import TrainingLoop  # here: the loop's lr_find method imports this module
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     _check_range(start_lr, end_lr, num_steps, smoothing, divergence)
@@ -295,8 +294,9 @@ def lr_find(loop: Any, model: torch.nn.Module, start_lr: float = 1e-7, end_lr: f
             raise TypeError(f"lr_find needs a TrainingLoop (it uses its training data, optimizer and loss function), "
                             f"got {type(loop).__name__}")
     test = _RangeTest(range_test_rates(float(start_lr), float(end_lr), int(num_steps)), smoothing, divergence)
-    finder = TrainingLoop(loop.training, None, loop.optimizer, loss_func=loop.loss_func,
-                          callbacks=[test, *callbacks], include_default_callbacks=False)
+    # A loop of the loop's own class: this module never imports the loop, whose lr_find method imports it.
+    finder = type(loop)(loop.training, None, loop.optimizer, loss_func=loop.loss_func,
+                        callbacks=[test, *callbacks], include_default_callbacks=False)
     # Enough epochs for num_steps steps (the test ends the fit at its last rate): at least one step each. The data's
     # len() cannot tell more, since under torchrun each rank gets only its share of the batches it counts.
     epochs = int(num_steps)
