@@ -1,10 +1,12 @@
-"""Tests of tools/render_docs.py (`make docs`): static HTML pages of every notebook, with an index.
+"""Tests of tools/render_docs.py (`make docs`): static HTML pages of every notebook, with an index; and of
+README.md as a front page (its size, its links to the project's files).
 
 The script runs as a subprocess, as `make docs` runs it; pages are read back with BeautifulSoup, and what they
 must contain is taken from the notebooks themselves with nbformat (titles, PNG payloads, widget state). Nothing
 is downloaded: the CDN mode is used, or the vendoring is fed small local packages built here."""
 from __future__ import annotations
 
+import configparser
 import io
 import json
 import re
@@ -131,6 +133,33 @@ def test_saved_widget_state_is_embedded(project_docs):
         saved = [o["data"][WIDGET_VIEW]["model_id"] for c in nb.cells if c.cell_type == "code"
                  for o in c.get("outputs", []) if WIDGET_VIEW in o.get("data", {})]
         assert views == saved and all(v in nb.metadata["widgets"][WIDGET_STATE]["state"] for v in views)
+
+
+# ------------------------------------------------------------------ the front page, README.md
+
+def repository_url() -> str:
+    "settings.ini's git_url and branch: where README.md's links to the project's own files point."
+    settings = configparser.ConfigParser()
+    settings.read(ROOT / "settings.ini")
+    return f"{settings['DEFAULT']['git_url']}/blob/{settings['DEFAULT']['branch']}/"
+
+
+def test_readme_is_a_front_page():
+    "At most 250 lines (issue 20); the benchmark diary and the architecture notes live on pages of their own."
+    lines = (ROOT / "README.md").read_text(encoding="utf-8").splitlines()
+    assert len(lines) <= 250, f"README.md has {len(lines)} lines; keep it a front page (at most 250)"
+
+
+def test_readme_links_to_project_files_resolve():
+    "README.md is also on GitHub, where a relative link breaks: links to the project's files are absolute and exist."
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    targets = re.findall(r"\]\(([^)\s]+)\)", text)
+    relative = [t for t in targets if not re.match(r"^[a-z]+:", t) and not t.startswith("#")]
+    assert not relative, f"README.md links {relative}: link the project's files by {repository_url()}<path>"
+    own = [t.split("#")[0].removeprefix(repository_url()) for t in targets if t.startswith(repository_url())]
+    assert own, "README.md links no page of the project"
+    missing = [path for path in own if not (ROOT / path).exists()]
+    assert not missing, f"README.md links files that do not exist: {missing}"
 
 
 # ------------------------------------------------------------------ small notebooks made here
