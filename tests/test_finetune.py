@@ -297,3 +297,11 @@ def test_trainable_flags_state_refuses_another_model():
     loop, model = build()
     flags.load_state_dict({"trainable": {"encoder.weight": False}})
     with pytest.raises(ValueError, match="encoder.weight"): loop.fit(model, 1, device="cpu", callbacks=[flags])
+
+
+def test_fine_tune_with_a_checkpoint_says_before_training_how_to_run_the_stages(tmp_path):
+    loop, model = build()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="Checkpoint directory of its own"):
+        fine_tune(loop, model, 1, callbacks=[Checkpoint(tmp_path)], device="cpu")
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items()) and not list(tmp_path.iterdir())

@@ -12,6 +12,7 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 
 from .core import Callback
+from .callbacks.checkpoint import Checkpoint
 from .callbacks.schedule import LearningRateScheduler, OneCycleScheduler
 
 # %% auto #0
@@ -187,6 +188,13 @@ def fine_tune(loop: Any, model: torch.nn.Module, epochs: int, base_lr: float = 2
                          "fit_one_cycle(loop, model, epochs, slice(base_lr / 2 / lr_mult, base_lr / 2), pct_start=0.3, "
                          "div=5.0, resume_from=...)")
     base_lr = _check_rate("base_lr", base_lr)
+    if freeze_epochs and any(isinstance(cb, Checkpoint) for cb in [*loop.user_callbacks, *fit_options.get("callbacks", ())]):
+        raise ValueError("fine_tune runs two fits, each counting its steps from 0, and a Checkpoint refuses a directory that "
+                         "holds checkpoints past the step its fit starts at, so the second stage could not start. Run the "
+                         "stages yourself, each with a Checkpoint directory of its own: freeze(model); fit_one_cycle(loop, "
+                         "model, 1, slice(base_lr), pct_start=0.99, callbacks=[Checkpoint('run/frozen')]); unfreeze(model); "
+                         "fit_one_cycle(loop, model, epochs, slice(base_lr / 2 / lr_mult, base_lr / 2), pct_start=0.3, "
+                         "div=5.0, callbacks=[Checkpoint('run/unfrozen')])")
     if isinstance(freeze_epochs, bool) or not isinstance(freeze_epochs, numbers.Integral) or freeze_epochs < 0:
         raise ValueError(f"freeze_epochs must be a whole number >= 0 (0 skips the frozen stage), got {freeze_epochs!r}")
     if freeze_epochs:

@@ -500,12 +500,13 @@ class OneCycleScheduler(Callback):
         self.lr_max, self.per_group = lr_max, isinstance(lr_max, (list, tuple))
         self.moms, self.total_steps = self.cycles[0].moms, _check_total_steps(total_steps)
         self.fit_steps: int | None = None
+        self.epoch_count: int | None = None
         self.found_rates: list | None = None  # each group's rate and momentum at fit_start, put back at fit_end
         self.found_momenta: list[float] | None = None
         self._in_fit = self._resumed = False
 
     def fit_start(self, loop) -> None:
-        self._in_fit = True
+        self._in_fit, self.epoch_count = True, loop.epoch_count
         groups = loop.optimizer.param_groups
         self._key = _momentum_key(loop.optimizer) if self.moms is not None else None
         if self.per_group and len(self.cycles) != len(groups):
@@ -580,7 +581,8 @@ class OneCycleScheduler(Callback):
                                "plot_schedule(OneCycle(lr_max), total_steps=...)")
         first = self.cycles[0]
         peak = first.lr_max if self.per_group else first.lr_max * _group_ratios(self.found_rates)[0]
-        return plot_schedule(OneCycle(peak, first.div, first.div_final, first.pct_start, self.moms),
+        epochs = self.epoch_count if self.total_steps is None else None  # boundaries only where steps follow epochs
+        return plot_schedule(OneCycle(peak, first.div, first.div_final, first.pct_start, self.moms), epochs,
                              total_steps=self.fit_steps, **kwargs)
 
     def __repr__(self) -> str: return f"OneCycleScheduler({self.cycles[0]!r}{' per group' if self.per_group else ''})"
