@@ -71,7 +71,7 @@ class ScheduleDesigner:
         self.add_button = w.Button(description="add segment", icon="plus", layout=w.Layout(width="140px"))
         self.add_button.add_class("designer-add")
         self.one_cycle_button = w.Button(description="one-cycle preset", icon="refresh", layout=w.Layout(width="160px"),
-                                         tooltip="replace the segments by fastai's one cycle peaking at the highest rate")
+                                         tooltip="replace the segments by fastai's one cycle, peak: the highest rate")
         self.one_cycle_button.add_class("designer-one-cycle")
         self.message = w.HTML()
         self.message.add_class("designer-message")
@@ -141,7 +141,7 @@ class ScheduleDesigner:
 
     def use_one_cycle(self, lr_max: float | None = None, div: float = 25.0, div_final: float = 1e5,
                       pct_start: float = 0.25) -> None:
-        "Replace the segments by a one cycle (`OneCycle.segments`) peaking at `lr_max` (default: the highest end rate now)."
+        "Replace the segments by a one cycle (`OneCycle.segments`) peaking at `lr_max` (default: the highest end rate)."
         if lr_max is None:
             ends = [float(r["end"].value) for r in self.rows if _is_float(r["end"].value)]
             lr_max = max([e for e in ends if e > 0], default=0.1)

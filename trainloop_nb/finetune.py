@@ -36,8 +36,9 @@ def _group_parameters(item: Any, position: int) -> list[torch.nn.Parameter]:
 
 def layer_groups(model: torch.nn.Module, splitter: Callable[[torch.nn.Module], Iterable] | None = None
                  ) -> list[list[torch.nn.Parameter]]:
-    "The model's parameters in layer groups: its top-level children that hold parameters, or what `splitter(model)` returns."
-    if not isinstance(model, torch.nn.Module): raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    "The model's parameters in layer groups: its top-level children with parameters, or `splitter(model)`'s."
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if splitter is None:
         groups = [list(child.parameters()) for child in model.children()]
         groups = [g for g in groups if g] or [[]]
@@ -66,15 +67,16 @@ def _check_covers(model: torch.nn.Module, groups: list[list[torch.nn.Parameter]]
                          "is rebuilt from them), so add them to one")
 
 # %% ../nbs/07_finetune.ipynb #e0573f53
-NORM_TYPES: tuple[type, ...] = (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d, torch.nn.SyncBatchNorm,
-                                torch.nn.InstanceNorm1d, torch.nn.InstanceNorm2d, torch.nn.InstanceNorm3d,
-                                torch.nn.LayerNorm, torch.nn.GroupNorm) + ((torch.nn.RMSNorm,) if hasattr(torch.nn, "RMSNorm") else ())
+NORM_TYPES: tuple[type, ...] = (
+    torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d, torch.nn.SyncBatchNorm, torch.nn.InstanceNorm1d,
+    torch.nn.InstanceNorm2d, torch.nn.InstanceNorm3d, torch.nn.LayerNorm, torch.nn.GroupNorm,
+    *((torch.nn.RMSNorm,) if hasattr(torch.nn, "RMSNorm") else ()))
 
 def _norm_parameters(model: torch.nn.Module) -> set[int]:
     return {id(p) for m in model.modules() if isinstance(m, NORM_TYPES) for p in m.parameters(recurse=False)}
 
 def freeze_to(model: torch.nn.Module, n: int, splitter: Callable[[torch.nn.Module], Iterable] | None = None) -> None:
-    "Make the layer groups before `n` not trainable (normalisation layers excepted) and the rest trainable; `n < 0` counts from the end."
+    "Freeze the layer groups before `n` (but normalisation layers), unfreeze the rest; `n < 0` counts from the end."
     groups = layer_groups(model, splitter)
     if isinstance(n, bool) or not isinstance(n, numbers.Integral) or not -len(groups) <= n <= len(groups):
         raise ValueError(f"n must be a whole number from {-len(groups)} to {len(groups)} (the model has {len(groups)} "
@@ -105,16 +107,17 @@ def _check_rate(name: str, value: Any) -> float:
     return float(value)
 
 def group_rates(lr_max: float | slice, n: int) -> list[float]:
-    "One rate per layer group: `slice(low, high)` spaced geometrically, `slice(high)` is high/10 but the last, a number for all."
+    "One rate per layer group: `slice(low, high)` geometric, `slice(high)` high/10 but the last, a number for all."
     if not isinstance(lr_max, slice): return [_check_rate("lr_max", lr_max)] * n
-    if lr_max.step is not None: raise ValueError(f"lr_max as a slice is slice(low, high) or slice(high), got {lr_max!r}")
+    if lr_max.step is not None:
+        raise ValueError(f"lr_max as a slice is slice(low, high) or slice(high), got {lr_max!r}")
     high = _check_rate("the slice's high rate (its stop)", lr_max.stop)
     if lr_max.start is None: return [high / 10] * (n - 1) + [high]
     return even_mults(_check_rate("the slice's low rate (its start)", lr_max.start), high, n)
 
 def optimizer_for_groups(optimizer: torch.optim.Optimizer, groups: list[list[torch.nn.Parameter]],
                          rates: Sequence[float]) -> torch.optim.Optimizer:
-    "`optimizer` with one parameter group per layer group at `rates`: itself if its groups are those, else a new one, state carried."
+    "`optimizer` with one parameter group per layer group at `rates`: itself if it has those groups, else a new one."
     if [[id(p) for p in g["params"]] for g in optimizer.param_groups] == [[id(p) for p in g] for g in groups]:
         for group, rate in zip(optimizer.param_groups, rates): group["lr"] = rate
         return optimizer
@@ -151,8 +154,9 @@ class TrainableFlags(Callback):
         params = dict(self.model.named_parameters())
         unknown = sorted(set(flags) - set(params))
         if unknown:
-            raise ValueError(f"the run's trainable flags name parameters this model does not have ({', '.join(unknown[:5])}"
-                             f"{' ...' if len(unknown) > 5 else ''}); resume with the model the run was started with")
+            raise ValueError(f"the run's trainable flags name parameters this model does not have "
+                             f"({', '.join(unknown[:5])}{' ...' if len(unknown) > 5 else ''}); resume with the model "
+                             "the run was started with")
         for name, flag in flags.items(): params[name].requires_grad_(flag)
 
 # %% ../nbs/07_finetune.ipynb #aff0d3c5
@@ -166,7 +170,7 @@ def fit_one_cycle(loop: Any, model: torch.nn.Module, epochs: int, lr_max: float 
                   div_final: float = 1e5, pct_start: float = 0.25,
                   moms: tuple[float, float, float] | None = (0.95, 0.85, 0.95),
                   splitter: Callable[[torch.nn.Module], Iterable] | None = None, **fit_options) -> list[dict]:
-    "`loop.fit` with the one-cycle policy peaking at `lr_max` (a rate, or `slice(low, high)` for one rate per layer group)."
+    "`loop.fit` with the one-cycle policy peaking at `lr_max` (a rate, or `slice(low, high)`: a rate per layer group)."
     callbacks = list(fit_options.pop("callbacks", ()))
     _check_no_other_schedule(loop, callbacks)
     peaks = lr_max
@@ -181,22 +185,24 @@ def fit_one_cycle(loop: Any, model: torch.nn.Module, epochs: int, lr_max: float 
 def fine_tune(loop: Any, model: torch.nn.Module, epochs: int, base_lr: float = 2e-3, freeze_epochs: int = 1,
               lr_mult: float = 100, pct_start: float = 0.3, div: float = 5.0,
               splitter: Callable[[torch.nn.Module], Iterable] | None = None, **fit_options) -> list[dict]:
-    "fastai's `fine_tune`: the head alone (body frozen) for `freeze_epochs`, then all with discriminative rates; returns the second stage's history."
+    "fastai's `fine_tune`: the head alone (body frozen), then all at discriminative rates; the second stage's history."
     if "resume_from" in fit_options:
         raise ValueError("fine_tune runs two fits, so it cannot resume one checkpoint: after an interruption use "
-                         "loop.resume(); to continue a checkpoint of the second stage call it yourself: unfreeze(model); "
-                         "fit_one_cycle(loop, model, epochs, slice(base_lr / 2 / lr_mult, base_lr / 2), pct_start=0.3, "
-                         "div=5.0, resume_from=...)")
+                         "loop.resume(); to continue a checkpoint of the second stage call it yourself: "
+                         "unfreeze(model); fit_one_cycle(loop, model, epochs, slice(base_lr / 2 / lr_mult, "
+                         "base_lr / 2), pct_start=0.3, div=5.0, resume_from=...)")
     base_lr = _check_rate("base_lr", base_lr)
-    if freeze_epochs and any(isinstance(cb, Checkpoint) for cb in [*loop.user_callbacks, *fit_options.get("callbacks", ())]):
-        raise ValueError("fine_tune runs two fits, each counting its steps from 0, and a Checkpoint refuses a directory that "
-                         "holds checkpoints past the step its fit starts at, so the second stage could not start. Run the "
-                         "stages yourself, each with a Checkpoint directory of its own: freeze(model); fit_one_cycle(loop, "
-                         "model, 1, slice(base_lr), pct_start=0.99, callbacks=[Checkpoint('run/frozen')]); unfreeze(model); "
-                         "fit_one_cycle(loop, model, epochs, slice(base_lr / 2 / lr_mult, base_lr / 2), pct_start=0.3, "
-                         "div=5.0, callbacks=[Checkpoint('run/unfrozen')])")
     if isinstance(freeze_epochs, bool) or not isinstance(freeze_epochs, numbers.Integral) or freeze_epochs < 0:
         raise ValueError(f"freeze_epochs must be a whole number >= 0 (0 skips the frozen stage), got {freeze_epochs!r}")
+    callbacks = [*getattr(loop, "user_callbacks", ()), *fit_options.get("callbacks", ())]
+    if freeze_epochs and any(isinstance(cb, Checkpoint) for cb in callbacks):
+        raise ValueError("fine_tune runs two fits, each counting its steps from 0, and a Checkpoint refuses a "
+                         "directory that holds checkpoints past the step its fit starts at, so the second stage could "
+                         "not start. Run the stages yourself, each with a Checkpoint directory of its own: "
+                         "freeze(model); fit_one_cycle(loop, model, 1, slice(base_lr), pct_start=0.99, "
+                         "callbacks=[Checkpoint('run/frozen')]); unfreeze(model); fit_one_cycle(loop, model, epochs, "
+                         "slice(base_lr / 2 / lr_mult, base_lr / 2), pct_start=0.3, div=5.0, "
+                         "callbacks=[Checkpoint('run/unfrozen')])")
     if freeze_epochs:
         freeze(model, splitter)
         fit_one_cycle(loop, model, freeze_epochs, slice(base_lr), pct_start=0.99, splitter=splitter, **fit_options)

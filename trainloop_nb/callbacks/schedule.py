@@ -432,12 +432,12 @@ def _check_moms(moms: Any) -> tuple[float, float, float] | None:
     if moms is None: return None
     if (not isinstance(moms, (tuple, list)) or len(moms) != 3
             or not all(_is_number(m) and 0 <= m < 1 for m in moms)):
-        raise ValueError(f"moms must be three momenta in [0, 1) (start, at the peak rate, end), e.g. (0.95, 0.85, 0.95), "
-                         f"or None to leave momentum alone; got {moms!r}")
+        raise ValueError(f"moms must be three momenta in [0, 1) (start, at the peak rate, end), e.g. "
+                         f"(0.95, 0.85, 0.95), or None to leave momentum alone; got {moms!r}")
     return tuple(float(m) for m in moms)
 
 class OneCycle:
-    "fastai's one-cycle policy: `OneCycle(lr_max)(total_steps)` is the `Schedule` of its rates, `.momenta(total_steps)` of its momenta."
+    "fastai's one-cycle policy: `OneCycle(lr_max)(total_steps)` is its rates' `Schedule`, `.momenta(...)` its momenta'."
     def __init__(self, lr_max: float, div: float = 25.0, div_final: float = 1e5, pct_start: float = 0.25,
                  moms: tuple[float, float, float] | None = (0.95, 0.85, 0.95)):
         self.lr_max = _check_positive("lr_max", lr_max)
@@ -452,14 +452,15 @@ class OneCycle:
         return self._cycle(total_steps, self.lr_max / self.div, self.lr_max, self.lr_max / self.div_final)
 
     def momenta(self, total_steps: int) -> Schedule | None:
-        "The momenta of a run of `total_steps` (`moms[0]` to `moms[1]` at the peak rate, then `moms[2]`); None without `moms`."
+        "The momenta of a run of `total_steps` (`moms[0]`, `moms[1]` at the peak rate, `moms[2]`); None without `moms`."
         return None if self.moms is None else self._cycle(total_steps, *self.moms)
 
     def segments(self, total_steps: int) -> list[ScheduleSegment]:
         "The rates as two cosine `ScheduleSegment`s (for the designer): the peak on a whole step, the nearest one."
         peak_step = min(max(round(self.pct_start * total_steps) - 1, 1), total_steps - 2)
-        return [ScheduleSegment(cosine, start_rate=self.lr_max / self.div, end_rate=self.lr_max, step_count=peak_step + 1),
-                ScheduleSegment(cosine, end_rate=self.lr_max / self.div_final)]
+        start, end = self.lr_max / self.div, self.lr_max / self.div_final
+        return [ScheduleSegment(cosine, start_rate=start, end_rate=self.lr_max, step_count=peak_step + 1),
+                ScheduleSegment(cosine, end_rate=end)]
 
     def _cycle(self, total_steps: int, start: float, middle: float, end: float) -> Schedule:
         if not _is_whole(total_steps) or total_steps < 1:
@@ -479,8 +480,8 @@ def _momentum_key(optimizer: torch.optim.Optimizer) -> str:
     group = optimizer.param_groups[0]
     if "betas" in group: return "betas"
     if "momentum" in group: return "momentum"
-    raise ValueError(f"{type(optimizer).__name__} has neither momentum nor betas, so one-cycle cannot move its momentum "
-                     "against the rate; pass moms=None to schedule the rate alone")
+    raise ValueError(f"{type(optimizer).__name__} has neither momentum nor betas, so one-cycle cannot move its "
+                     "momentum against the rate; pass moms=None to schedule the rate alone")
 
 def _momentum_of(group: dict, key: str) -> float:
     return float(group[key][0]) if key == "betas" else float(group[key])
@@ -490,7 +491,7 @@ def _set_momentum(group: dict, key: str, value: float) -> None:
     else: group["momentum"] = value
 
 class OneCycleScheduler(Callback):
-    "fastai's one-cycle policy at every training step: each group's rate rises to its peak and falls, momentum the other way."
+    "fastai's one-cycle policy at every training step: each group's rate rises to a peak and falls, momentum opposite."
     def __init__(self, lr_max: float | Sequence[float], div: float = 25.0, div_final: float = 1e5,
                  pct_start: float = 0.25, moms: tuple[float, float, float] | None = (0.95, 0.85, 0.95),
                  total_steps: int | None = None):
@@ -510,8 +511,8 @@ class OneCycleScheduler(Callback):
         groups = loop.optimizer.param_groups
         self._key = _momentum_key(loop.optimizer) if self.moms is not None else None
         if self.per_group and len(self.cycles) != len(groups):
-            raise ValueError(f"OneCycleScheduler was given {len(self.cycles)} peak rates, one per parameter group, but the "
-                             f"optimizer has {len(groups)} groups; give one rate per group, or a single rate")
+            raise ValueError(f"OneCycleScheduler was given {len(self.cycles)} peak rates, one per parameter group, but "
+                             f"the optimizer has {len(groups)} groups; give one rate per group, or a single rate")
         if self._resumed and self.found_rates is not None: _check_group_count(self.found_rates, groups)
         else:
             self.found_rates = [_kept(group["lr"]) for group in groups]
@@ -588,10 +589,11 @@ class OneCycleScheduler(Callback):
     def __repr__(self) -> str: return f"OneCycleScheduler({self.cycles[0]!r}{' per group' if self.per_group else ''})"
 
 # %% ../../nbs/13_callbacks.schedule.ipynb #69bf072b
-def plot_schedule(schedule: Schedule | Sequence[ScheduleSegment] | ScheduleFunction | OneCycle, epochs: int | None = None,
+def plot_schedule(schedule: Schedule | Sequence[ScheduleSegment] | ScheduleFunction | OneCycle,
+                  epochs: int | None = None,
                   applied: Sequence[tuple[int, float]] | None = None, *, total_steps: int | None = None,
                   ax: Any = None, path: str | os.PathLike | None = None, max_points: int = 5000):
-    "Draw a schedule's rates over its steps, with `epochs` boundaries and the `applied` (step, rate) points as dots; a `OneCycle`'s momenta on a second axis."
+    "Draw a schedule's rates by step, `epochs` boundaries, `applied` (step, rate) points, a `OneCycle`'s momenta."
     rates = _schedule_to_plot(schedule, total_steps)
     if epochs is not None and (not _is_whole(epochs) or epochs < 1):
         raise ValueError(f"epochs must be a whole number of at least 1, or None, got {epochs!r}")
@@ -650,7 +652,8 @@ def _schedule_to_plot(schedule: Any, total_steps: int | None) -> Schedule:
     if isinstance(schedule, (ScheduleSegment, list, tuple)): schedule = make_schedule(schedule)
     if not isinstance(schedule, ScheduleFunction):
         raise TypeError(f"plot_schedule draws a Schedule, or segments (ScheduleSegments or what make_schedule "
-                        f"returns) or a OneCycle with total_steps; got {type(schedule).__name__}. For a list of rates, draw "
+                        f"returns) or a OneCycle with total_steps; got {type(schedule).__name__}. For a list of rates, "
+                        "draw "
                         "Schedule(rates.__getitem__, len(rates))")
     if total_steps is None:
         if schedule.segments[-1].step_count is None:
