@@ -9,7 +9,8 @@ import html
 import io
 from typing import Any, Sequence
 
-from .callbacks.schedule import ScheduleSegment, constant, cosine, exponential, linear, make_schedule
+from .callbacks.schedule import (OneCycle, ScheduleSegment, constant, cosine, exponential, linear,
+                                             make_schedule)
 
 # %% auto #0
 __all__ = ['SHAPES', 'segment_from_fields', 'segment_code', 'ScheduleDesigner', 'schedule_designer']
@@ -36,6 +37,11 @@ def segment_from_fields(shape: str, start: str, end: str, steps: str, position: 
                                step_count=_number(steps, "step count", whole=True))
     except (ValueError, TypeError) as error:
         raise ValueError(f"segment {position}: {error}") from None
+
+def _is_float(text: str) -> bool:
+    try: float(text)
+    except ValueError: return False
+    return True
 
 def _rate(value: float) -> str:
     "A rate as Python source that reads back as the same float."
@@ -64,6 +70,9 @@ class ScheduleDesigner:
         self.rows_box = w.VBox()
         self.add_button = w.Button(description="add segment", icon="plus", layout=w.Layout(width="140px"))
         self.add_button.add_class("designer-add")
+        self.one_cycle_button = w.Button(description="one-cycle preset", icon="refresh", layout=w.Layout(width="160px"),
+                                         tooltip="replace the segments by fastai's one cycle, peak: the highest rate")
+        self.one_cycle_button.add_class("designer-one-cycle")
         self.message = w.HTML()
         self.message.add_class("designer-message")
         self.plot = w.Image(format="png")
@@ -73,11 +82,13 @@ class ScheduleDesigner:
         header = w.HBox([w.HTML(f"<b>{t}</b>", layout=w.Layout(width=wd)) for t, wd in
                          (("#", "28px"), ("shape", "130px"), ("start rate", "110px"), ("end rate", "110px"),
                           ("step count", "110px"))])
-        self.widget = w.VBox([w.HBox([self.epochs, self.batches_per_epoch]), header, self.rows_box, self.add_button,
+        self.widget = w.VBox([w.HBox([self.epochs, self.batches_per_epoch]), header, self.rows_box,
+                              w.HBox([self.add_button, self.one_cycle_button]),
                               self.message, self.plot, self.code_view])
         self.widget.add_class("schedule-designer")
         for segment in segments: self._add_row(segment)
         self.add_button.on_click(lambda _: self.add_segment())
+        self.one_cycle_button.on_click(lambda _: self.use_one_cycle())
         for box in (self.epochs, self.batches_per_epoch): box.observe(lambda _: self.refresh(), "value")
         self.refresh()
 
@@ -127,6 +138,17 @@ class ScheduleDesigner:
         if len(self.rows) > 1:
             self.rows.pop(index)
             self.refresh()
+
+    def use_one_cycle(self, lr_max: float | None = None, div: float = 25.0, div_final: float = 1e5,
+                      pct_start: float = 0.25) -> None:
+        "Replace the segments by a one cycle (`OneCycle.segments`) peaking at `lr_max` (default: the highest end rate)."
+        if lr_max is None:
+            ends = [float(r["end"].value) for r in self.rows if _is_float(r["end"].value)]
+            lr_max = max([e for e in ends if e > 0], default=0.1)
+        segments = OneCycle(lr_max, div, div_final, pct_start).segments(max(self.total_steps, 3))
+        self.rows = []
+        for segment in segments: self._add_row(segment)
+        self.refresh()
 
     # -- what the kernel reads -------------------------------------------------------------------
     @property
@@ -216,8 +238,10 @@ def schedule_designer(epochs: int | None = None, batches_per_epoch: int | None =
         segments = [ScheduleSegment(linear, start_rate=0.0, end_rate=0.1, step_count=max(2, epochs * batches_per_epoch // 10)),
                     ScheduleSegment(cosine, end_rate=0.0)]
     elif isinstance(segments, ScheduleSegment): segments = [segments]
+    elif isinstance(segments, OneCycle): segments = segments.segments(max(epochs * batches_per_epoch, 3))
     elif hasattr(segments, "segments"): segments = list(segments.segments)  # what make_schedule returned
     segments = list(segments)
     if not segments or not all(isinstance(s, ScheduleSegment) for s in segments):
-        raise TypeError(f"segments must be ScheduleSegments (or what make_schedule returned), got {segments!r}")
+        raise TypeError(f"segments must be ScheduleSegments (or what make_schedule returned, or a OneCycle), "
+                        f"got {segments!r}")
     return ScheduleDesigner(epochs, batches_per_epoch, segments)

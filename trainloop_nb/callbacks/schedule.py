@@ -10,6 +10,7 @@ import os
 from bisect import bisect_left
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Callable, Iterable
 
 import numpy as np
@@ -19,7 +20,7 @@ from ..core import Callback
 
 # %% auto #0
 __all__ = ['linear', 'cosine', 'exponential', 'constant', 'Shape', 'ScheduleSegment', 'Schedule', 'ScheduleFunction',
-           'make_schedule', 'LearningRateScheduler', 'plot_schedule']
+           'make_schedule', 'LearningRateScheduler', 'OneCycle', 'OneCycleScheduler', 'plot_schedule']
 
 # %% ../../nbs/13_callbacks.schedule.ipynb #635e93e1
 class Shape:
@@ -412,11 +413,187 @@ def _check_group_count(found: list | None, groups: list) -> None:
         raise ValueError(f"the resumed LearningRateScheduler found {len(found)} parameter groups when its run "
                          f"started, but the optimizer has {len(groups)}; resume with the optimizer of that run")
 
+# %% ../../nbs/13_callbacks.schedule.ipynb #ea9a2484
+def _cosine_between(start: float, end: float, pct: float) -> float:
+    "Half a cosine from `start` (pct 0) to `end` (pct 1), written as OneCycleLR's `_annealing_cos`."
+    return end + (start - end) / 2.0 * (math.cos(math.pi * pct) + 1)
+
+def _one_cycle_value(step: int, peak: float, last: int, start: float, middle: float, end: float) -> float:
+    "The value at `step` of a cycle from `start` up (or down) to `middle` at step `peak`, then to `end` at step `last`."
+    if step <= peak: return _cosine_between(start, middle, step / peak) if peak > 0 else middle
+    return _cosine_between(middle, end, (step - peak) / (last - peak))
+
+def _check_positive(name: str, value: Any) -> float:
+    if not _is_number(value) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    return float(value)
+
+def _check_moms(moms: Any) -> tuple[float, float, float] | None:
+    if moms is None: return None
+    if (not isinstance(moms, (tuple, list)) or len(moms) != 3
+            or not all(_is_number(m) and 0 <= m < 1 for m in moms)):
+        raise ValueError(f"moms must be three momenta in [0, 1) (start, at the peak rate, end), e.g. "
+                         f"(0.95, 0.85, 0.95), or None to leave momentum alone; got {moms!r}")
+    return tuple(float(m) for m in moms)
+
+class OneCycle:
+    "fastai's one-cycle policy: `OneCycle(lr_max)(total_steps)` is its rates' `Schedule`, `.momenta(...)` its momenta'."
+    def __init__(self, lr_max: float, div: float = 25.0, div_final: float = 1e5, pct_start: float = 0.25,
+                 moms: tuple[float, float, float] | None = (0.95, 0.85, 0.95)):
+        self.lr_max = _check_positive("lr_max", lr_max)
+        self.div, self.div_final = _check_positive("div", div), _check_positive("div_final", div_final)
+        if not _is_number(pct_start) or not 0 <= pct_start <= 1:
+            raise ValueError(f"pct_start is the fraction of the steps spent rising to lr_max, a number in [0, 1]; "
+                             f"got {pct_start!r}")
+        self.pct_start, self.moms = float(pct_start), _check_moms(moms)
+
+    def __call__(self, total_steps: int) -> Schedule:
+        "The rates of a run of `total_steps`: from `lr_max / div` up to `lr_max`, then down to `lr_max / div_final`."
+        return self._cycle(total_steps, self.lr_max / self.div, self.lr_max, self.lr_max / self.div_final)
+
+    def momenta(self, total_steps: int) -> Schedule | None:
+        "The momenta of a run of `total_steps` (`moms[0]`, `moms[1]` at the peak rate, `moms[2]`); None without `moms`."
+        return None if self.moms is None else self._cycle(total_steps, *self.moms)
+
+    def segments(self, total_steps: int) -> list[ScheduleSegment]:
+        "The rates as two cosine `ScheduleSegment`s (for the designer): the peak on a whole step, the nearest one."
+        peak_step = min(max(round(self.pct_start * total_steps) - 1, 1), total_steps - 2)
+        start, end = self.lr_max / self.div, self.lr_max / self.div_final
+        return [ScheduleSegment(cosine, start_rate=start, end_rate=self.lr_max, step_count=peak_step + 1),
+                ScheduleSegment(cosine, end_rate=end)]
+
+    def _cycle(self, total_steps: int, start: float, middle: float, end: float) -> Schedule:
+        if not _is_whole(total_steps) or total_steps < 1:
+            raise ValueError(f"total_steps must be a whole number of at least 1, got {total_steps!r}")
+        peak, last = self.pct_start * total_steps - 1, total_steps - 1
+        peak_step = min(max(round(peak), 0), last)
+        return Schedule(partial(_one_cycle_value, peak=peak, last=last, start=start, middle=middle, end=end),
+                        total_steps, (0, peak_step), (peak_step, last))
+
+    def __repr__(self) -> str:
+        return (f"OneCycle(lr_max={self.lr_max:g}, div={self.div:g}, div_final={self.div_final:g}, "
+                f"pct_start={self.pct_start:g}, moms={self.moms})")
+
+# %% ../../nbs/13_callbacks.schedule.ipynb #086edf9b
+def _momentum_key(optimizer: torch.optim.Optimizer) -> str:
+    "The hyperparameter one-cycle moves against the rate: SGD's `momentum`, or `betas` (its first) for Adam and kin."
+    group = optimizer.param_groups[0]
+    if "betas" in group: return "betas"
+    if "momentum" in group: return "momentum"
+    raise ValueError(f"{type(optimizer).__name__} has neither momentum nor betas, so one-cycle cannot move its "
+                     "momentum against the rate; pass moms=None to schedule the rate alone")
+
+def _momentum_of(group: dict, key: str) -> float:
+    return float(group[key][0]) if key == "betas" else float(group[key])
+
+def _set_momentum(group: dict, key: str, value: float) -> None:
+    if key == "betas": group["betas"] = (value, *group["betas"][1:])
+    else: group["momentum"] = value
+
+class OneCycleScheduler(Callback):
+    "fastai's one-cycle policy at every training step: each group's rate rises to a peak and falls, momentum opposite."
+    def __init__(self, lr_max: float | Sequence[float], div: float = 25.0, div_final: float = 1e5,
+                 pct_start: float = 0.25, moms: tuple[float, float, float] | None = (0.95, 0.85, 0.95),
+                 total_steps: int | None = None):
+        peaks = list(lr_max) if isinstance(lr_max, (list, tuple)) else [lr_max]
+        if not peaks: raise ValueError("lr_max must be a rate, or a list of one rate per parameter group; got []")
+        self.cycles = [OneCycle(peak, div, div_final, pct_start, moms) for peak in peaks]  # checks every argument
+        self.lr_max, self.per_group = lr_max, isinstance(lr_max, (list, tuple))
+        self.moms, self.total_steps = self.cycles[0].moms, _check_total_steps(total_steps)
+        self.fit_steps: int | None = None
+        self.epoch_count: int | None = None
+        self.found_rates: list | None = None  # each group's rate and momentum at fit_start, put back at fit_end
+        self.found_momenta: list[float] | None = None
+        self._in_fit = self._resumed = False
+
+    def fit_start(self, loop) -> None:
+        self._in_fit, self.epoch_count = True, loop.epoch_count
+        groups = loop.optimizer.param_groups
+        self._key = _momentum_key(loop.optimizer) if self.moms is not None else None
+        if self.per_group and len(self.cycles) != len(groups):
+            raise ValueError(f"OneCycleScheduler was given {len(self.cycles)} peak rates, one per parameter group, but "
+                             f"the optimizer has {len(groups)} groups; give one rate per group, or a single rate")
+        if self._resumed and self.found_rates is not None: _check_group_count(self.found_rates, groups)
+        else:
+            self.found_rates = [_kept(group["lr"]) for group in groups]
+            self.found_momenta = [_momentum_of(g, self._key) for g in groups] if self._key else None
+            self.fit_steps = self._fit_steps(loop)
+        self._resumed = False
+        self._start_cycles()
+
+    def _fit_steps(self, loop) -> int:
+        if self.total_steps is not None: return self.total_steps
+        batches = _batches_per_epoch(loop.training)
+        if batches is None:
+            raise TypeError(f"OneCycleScheduler needs the fit's total number of steps, but the training data "
+                            f"({type(loop.training).__name__}) has no len(); pass total_steps=")
+        return loop.epoch_count * math.ceil(batches / getattr(loop, "accumulate_steps", 1))
+
+    def _start_cycles(self) -> None:
+        "Each group's rates: its own peak, or the first group's peak times the ratio of the rates found at fit_start."
+        if self.per_group: cycles = self.cycles
+        else:
+            first = self.cycles[0]
+            cycles = [OneCycle(first.lr_max * ratio, first.div, first.div_final, first.pct_start, first.moms)
+                      for ratio in _group_ratios(self.found_rates)]
+        self._rates = [cycle(self.fit_steps).rate for cycle in cycles]
+        self._momenta = cycles[0].momenta(self.fit_steps).rate if self._key else None
+        self._last_step = self.fit_steps - 1
+
+    def batch_start(self, loop) -> None:
+        # The hot path: a cosine per group on Python floats, no read from the device.
+        if loop.phase != "training": return
+        step = min(loop.step, self._last_step)  # past the end (a longer fit than planned): hold the last values
+        groups = loop.optimizer.param_groups
+        for group, rate in zip(groups, self._rates):
+            if isinstance(group["lr"], torch.Tensor): group["lr"].fill_(rate(step))
+            else: group["lr"] = rate(step)
+        if self._momenta is not None:
+            momentum = self._momenta(step)
+            for group in groups: _set_momentum(group, self._key, momentum)
+
+    def fit_end(self, loop) -> None:
+        if self._in_fit and self.found_rates is not None:
+            for i, group in enumerate(loop.optimizer.param_groups):
+                if isinstance(group["lr"], torch.Tensor): group["lr"].copy_(self.found_rates[i])
+                else: group["lr"] = self.found_rates[i]
+                if self._key and self.found_momenta: _set_momentum(group, self._key, self.found_momenta[i])
+        self._in_fit = False
+
+    def state_dict(self) -> dict[str, Any]:
+        "What a resumed run needs: the fit's length, and each group's rate and momentum found at fit_start."
+        return {"fit_steps": self.fit_steps, "found_rates": [_kept(r) for r in self.found_rates or []],
+                "found_momenta": list(self.found_momenta) if self.found_momenta is not None else None}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        "Continue the fit `state` was saved from: before `fit_start` (a new process) or during the fit."
+        missing = {"fit_steps", "found_rates", "found_momenta"} - set(state)
+        if missing: raise KeyError(f"not a OneCycleScheduler state: it has no {', '.join(sorted(missing))}")
+        self.fit_steps = state["fit_steps"]
+        self.found_rates = [_kept(r) for r in state["found_rates"]] or None
+        self.found_momenta = list(state["found_momenta"]) if state["found_momenta"] is not None else None
+        if self._in_fit: self._start_cycles()
+        else: self._resumed = True
+
+    def plot(self, **kwargs):
+        "Draw the first group's rates and momenta of this fit (see `plot_schedule`)."
+        if self.fit_steps is None:
+            raise RuntimeError("this OneCycleScheduler has not started a fit; before training, use "
+                               "plot_schedule(OneCycle(lr_max), total_steps=...)")
+        first = self.cycles[0]
+        peak = first.lr_max if self.per_group else first.lr_max * _group_ratios(self.found_rates)[0]
+        epochs = self.epoch_count if self.total_steps is None else None  # boundaries only where steps follow epochs
+        return plot_schedule(OneCycle(peak, first.div, first.div_final, first.pct_start, self.moms), epochs,
+                             total_steps=self.fit_steps, **kwargs)
+
+    def __repr__(self) -> str: return f"OneCycleScheduler({self.cycles[0]!r}{' per group' if self.per_group else ''})"
+
 # %% ../../nbs/13_callbacks.schedule.ipynb #69bf072b
-def plot_schedule(schedule: Schedule | Sequence[ScheduleSegment] | ScheduleFunction, epochs: int | None = None,
+def plot_schedule(schedule: Schedule | Sequence[ScheduleSegment] | ScheduleFunction | OneCycle,
+                  epochs: int | None = None,
                   applied: Sequence[tuple[int, float]] | None = None, *, total_steps: int | None = None,
                   ax: Any = None, path: str | os.PathLike | None = None, max_points: int = 5000):
-    "Draw a schedule's rates over its steps, with `epochs` boundaries and the `applied` (step, rate) points as dots."
+    "Draw a schedule's rates by step, `epochs` boundaries, `applied` (step, rate) points, a `OneCycle`'s momenta."
     rates = _schedule_to_plot(schedule, total_steps)
     if epochs is not None and (not _is_whole(epochs) or epochs < 1):
         raise ValueError(f"epochs must be a whole number of at least 1, or None, got {epochs!r}")
@@ -443,14 +620,30 @@ def plot_schedule(schedule: Schedule | Sequence[ScheduleSegment] | ScheduleFunct
     ax.set_xlim(0, max(len(rates) - 1, 1))
     ax.set_ylim(bottom=0)
     ax.set_title(f"{len(rates):,} steps" + (f", {epochs} epochs of {per_epoch:,g}" if epochs else ""))
-    if (epochs or 0) > 1 or applied: ax.legend(loc="best", fontsize="small")
+    handles = ax.get_legend_handles_labels()[0]
+    if isinstance(schedule, OneCycle) and schedule.moms is not None:
+        handles += _plot_momenta(ax, schedule.momenta(len(rates)), steps)
+    if (epochs or 0) > 1 or applied or len(handles) > 1: ax.legend(handles=handles, loc="best", fontsize="small")
     if path is not None:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         fig.savefig(path, dpi=100)
     return fig
 
+def _plot_momenta(ax: Any, momenta: Schedule, steps: Sequence[int]) -> list:
+    "The momenta, dashed, on a second y axis at the right; returns the line for the legend."
+    right = ax.twinx()
+    line, = right.plot(steps, [momenta.rate(s) for s in steps], color="C2", linestyle="--", label="momentum",
+                       gid="momentum")
+    right.set_ylabel("momentum")
+    return [line]
+
 def _schedule_to_plot(schedule: Any, total_steps: int | None) -> Schedule:
     total_steps = _check_total_steps(total_steps)
+    if isinstance(schedule, OneCycle):
+        if total_steps is None:
+            raise ValueError("plot_schedule needs the length of the run to draw a OneCycle: pass total_steps= "
+                             "(epochs x batches per epoch)")
+        return schedule(total_steps)
     if isinstance(schedule, Schedule):
         if total_steps is not None and total_steps != len(schedule):
             raise ValueError(f"the Schedule has its own length, {len(schedule)} steps, not total_steps={total_steps}; "
@@ -459,7 +652,8 @@ def _schedule_to_plot(schedule: Any, total_steps: int | None) -> Schedule:
     if isinstance(schedule, (ScheduleSegment, list, tuple)): schedule = make_schedule(schedule)
     if not isinstance(schedule, ScheduleFunction):
         raise TypeError(f"plot_schedule draws a Schedule, or segments (ScheduleSegments or what make_schedule "
-                        f"returns) with total_steps; got {type(schedule).__name__}. For a list of rates, draw "
+                        f"returns) or a OneCycle with total_steps; got {type(schedule).__name__}. For a list of rates, "
+                        "draw "
                         "Schedule(rates.__getitem__, len(rates))")
     if total_steps is None:
         if schedule.segments[-1].step_count is None:
