@@ -17,7 +17,6 @@ from fastprogress.core import IN_NOTEBOOK, html_progress_bar, html_progress_bar_
 from .callbacks.progress import ProgressPrinter, table_columns, table_row
 from .callbacks.schedule import LearningRateScheduler
 from .core import Callback, Order
-from .loop import TrainingLoop
 
 # %% auto #0
 __all__ = ['FitControl', 'LiveBars', 'BackgroundFit', 'start_background', 'monitor']
@@ -228,7 +227,7 @@ _CTRL_C = _CtrlC()
 class BackgroundFit:
     "A fit running in a thread: `pause`, `resume`, `stop`, `set_learning_rate`, `wait`, `done`, `controls()`."
 
-    def __init__(self, loop: TrainingLoop):
+    def __init__(self, loop: Any):
         self.loop, self.control, self.bars = loop, FitControl(), LiveBars()
         self._finished = threading.Event()
         self._history: list[dict] | None = None
@@ -323,7 +322,7 @@ class BackgroundFit:
         return f"BackgroundFit({state}, step {self.loop.step})"
 
 # %% ../nbs/31_background.ipynb #38e5ab66
-def start_background(loop: TrainingLoop, model: torch.nn.Module, epochs: int = 1, device: Any = None,
+def start_background(loop: Any, model: torch.nn.Module, epochs: int = 1, device: Any = None,
                      callbacks: Iterable[Any] = (), **options) -> BackgroundFit:
     "Run `loop.fit(model, epochs, device, callbacks, **options)` in a thread; returns its `BackgroundFit` at once."
     run = BackgroundFit(loop)
@@ -333,7 +332,7 @@ def start_background(loop: TrainingLoop, model: torch.nn.Module, epochs: int = 1
     run._start(model, epochs, device, list(callbacks), options)
     return run
 
-def monitor(loop: TrainingLoop):
+def monitor(loop: Any):
     "The live bars of the loop's background fit (running or ended), to show in any cell, also after a page reload."
     bars = next((cb for cb in loop.callbacks if isinstance(cb, LiveBars)), None)
     if bars is None:

@@ -19,7 +19,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, IterableDataset, TensorDataset
 
 # %% auto #0
-__all__ = ['TrainingEpochs', 'ValidationBatches', 'Digits', 'MNIST', 'CIFAR10']
+__all__ = ['CIFAR10_FOLDER', 'CIFAR10_CLASSES', 'TrainingEpochs', 'ValidationBatches', 'Digits', 'MNIST', 'CIFAR10']
 
 # %% ../nbs/01_data.ipynb #45851eb8
 def _tensors_of(dataset) -> tuple[Tensor, ...] | None:
@@ -273,9 +273,9 @@ class Digits(_ImageSplits):
 _MNIST_MEAN, _MNIST_STD = (0.1307,), (0.3081,)
 _CIFAR10_MEAN, _CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 _MNIST_FILES = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]
-_CIFAR10_FOLDER = "cifar-10-batches-py"
+CIFAR10_FOLDER = "cifar-10-batches-py"
 _CIFAR10_FILES = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch", "batches.meta"]
-_CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
 def _check_limit(limit: int | None) -> int | None:
     if limit is None: return None
@@ -331,7 +331,7 @@ def _read_cifar10(root: str | os.PathLike, train: bool, download: bool, check_in
     try: return reader(root, train=train, download=download)
     except RuntimeError as error:
         if "not found" not in str(error): raise
-        folder = Path(root).expanduser() / _CIFAR10_FOLDER
+        folder = Path(root).expanduser() / CIFAR10_FOLDER
         missing = _missing_files(folder, _CIFAR10_FILES)
         if missing:
             raise FileNotFoundError(

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from torch import Tensor
 
-from .data import _CIFAR10_CLASSES, _CIFAR10_FOLDER
+from .data import CIFAR10_CLASSES, CIFAR10_FOLDER
 
 # %% auto #0
 __all__ = ['write_mnist', 'write_cifar10']
@@ -88,7 +88,7 @@ def write_cifar10(root: str | os.PathLike, train_images, train_labels, test_imag
     train_rows, test_rows = _cifar_rows(train_images, "train"), _cifar_rows(test_images, "test")
     for split, labels in (("train", train_labels), ("test", test_labels)):
         if labels.size and labels.max() > 9: raise ValueError(f"{split} labels must be classes 0 to 9, got {labels.max()}")
-    folder = Path(root).expanduser() / _CIFAR10_FOLDER
+    folder = Path(root).expanduser() / CIFAR10_FOLDER
     folder.mkdir(parents=True, exist_ok=True)
     parts = np.array_split(np.arange(len(train_rows)), 5)  # five training files, as the official set has
     for i, part in enumerate(parts, 1):
@@ -97,5 +97,5 @@ def write_cifar10(root: str | os.PathLike, train_images, train_labels, test_imag
     _write_py2_pickle(folder / "test_batch", {"batch_label": "testing batch 1 of 1",
                                               "labels": test_labels.tolist(), "data": test_rows})
     _write_py2_pickle(folder / "batches.meta", {"num_cases_per_batch": len(parts[0]),
-                                                "label_names": _CIFAR10_CLASSES, "num_vis": 3072})
+                                                "label_names": CIFAR10_CLASSES, "num_vis": 3072})
     return folder

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from .core import add_note, data_length, default_device
-from .metrics import MatthewsCorrelation, Metric, TorchMetric, _RunningMean
+from .metrics import MatthewsCorrelation, Metric, TorchMetric, RunningMean
 
 # %% auto #0
 __all__ = ['launched_world_size', 'in_distributed_run', 'process_device', 'join_process_group', 'note_fit_ended',
@@ -187,7 +187,7 @@ _NO_CONTEXT = contextlib.nullcontext()
 def _state_names(metric: Metric) -> tuple[str, ...] | None:
     names = getattr(metric, "distributed_state", None)
     if names is not None: return tuple(names)
-    if isinstance(metric, _RunningMean): return ("total", "count")
+    if isinstance(metric, RunningMean): return ("total", "count")
     if isinstance(metric, MatthewsCorrelation): return ("matrix",)
     return None
 

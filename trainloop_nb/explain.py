@@ -17,7 +17,7 @@ import torch
 
 from .callbacks.checkpoint import Checkpoint, checkpoint_step, list_checkpoints, load_checkpoint
 from .core import Callback, CancelFit
-from .loop import TrainingLoop
+from .run_state import data_generators, has_state
 
 # %% auto #0
 __all__ = ['NonfiniteReport', 'input_stats', 'state_before', 'explain_nonfinite']
@@ -94,7 +94,7 @@ def _position(state: dict[str, Any]) -> tuple[int, float]:
     if position["phase"] != "training": return position["epoch"], math.inf
     return position["epoch"], position["batch"]
 
-def _checkpoint_directory(loop: TrainingLoop):
+def _checkpoint_directory(loop: Any):
     found = [cb for cb in loop.callbacks if isinstance(cb, Checkpoint)]
     if not found:
         raise ValueError("explain_nonfinite replays the run from a checkpoint, and this fit had no Checkpoint callback; "
@@ -102,7 +102,7 @@ def _checkpoint_directory(loop: TrainingLoop):
                          "call loop.explain_nonfinite() after the FloatingPointError")
     return found[0].directory
 
-def state_before(loop: TrainingLoop, epoch: int, batch: int, step: int) -> tuple[dict[str, Any], str]:
+def state_before(loop: Any, epoch: int, batch: int, step: int) -> tuple[dict[str, Any], str]:
     "The newest checkpoint state of the loop's `Checkpoint` written before the 1-based `epoch`'s `batch` (at or before `step`)."
     directory = _checkpoint_directory(loop)
     for path in reversed(list_checkpoints(directory)):
@@ -174,13 +174,13 @@ class _NonfiniteWatch(Callback):
 # %% ../nbs/30_explain.ipynb #3d70718e
 class _SavedRandomness:
     "The generators and data positions a replay moves, put back when it ends: the session goes on as if it never ran."
-    def __init__(self, loop: TrainingLoop): self.loop = loop
+    def __init__(self, loop: Any): self.loop = loop
 
     def __enter__(self):
         self.torch, self.numpy, self.random = torch.get_rng_state(), np.random.get_state(), random.getstate()
         self.cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
-        self.data = [(d, d.state_dict()) for d in (self.loop.training, self.loop.validation) if _has_state(d)]
-        self.generators = [(g, g.get_state()) for d in (self.loop.training, self.loop.validation) for g in _generators(d)]
+        self.data = [(d, d.state_dict()) for d in (self.loop.training, self.loop.validation) if has_state(d)]
+        self.generators = [(g, g.get_state()) for d in (self.loop.training, self.loop.validation) for g in data_generators(d)]
         return self
 
     def __exit__(self, *exc) -> None:
@@ -191,16 +191,7 @@ class _SavedRandomness:
         for data, state in self.data: data.load_state_dict(state)
         for generator, state in self.generators: generator.set_state(state)
 
-def _has_state(data: Any) -> bool:
-    return callable(getattr(data, "state_dict", None)) and callable(getattr(data, "load_state_dict", None))
-
-def _generators(data: Any) -> list[torch.Generator]:
-    "The generators a DataLoader draws its order from (its own, its sampler's)."
-    owners = (data, getattr(data, "sampler", None), getattr(getattr(data, "batch_sampler", None), "sampler", None))
-    found = [getattr(o, "generator", None) for o in owners]
-    return list({id(g): g for g in found if isinstance(g, torch.Generator)}.values())
-
-def _copies(loop: TrainingLoop) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+def _copies(loop: Any) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
     "A deep copy of the model, and a new optimizer of the loop's class over its parameters, grouped as the loop's."
     model = copy.deepcopy(loop.model)
     twin = {id(p): q for p, q in zip(loop.model.parameters(), model.parameters())}
@@ -210,12 +201,12 @@ def _copies(loop: TrainingLoop) -> tuple[torch.nn.Module, torch.optim.Optimizer]
 
 _STEP_CALLBACKS = ("LearningRateScheduler", "GradientClipping")  # callbacks that change what a step computes
 
-def _replay_callbacks(loop: TrainingLoop, callbacks: Iterable[Any] | None) -> list[Any]:
+def _replay_callbacks(loop: Any, callbacks: Iterable[Any] | None) -> list[Any]:
     if callbacks is not None: return list(callbacks)
     return [copy.deepcopy(cb) for cb in loop.callbacks if type(cb).__name__ in _STEP_CALLBACKS]
 
 # %% ../nbs/30_explain.ipynb #a10e4bd5
-def explain_nonfinite(loop: TrainingLoop, callbacks: Iterable[Any] | None = None) -> NonfiniteReport:
+def explain_nonfinite(loop: Any, callbacks: Iterable[Any] | None = None) -> NonfiniteReport:
     """Replay the failed fit from its newest checkpoint before the first non-finite loss, on copies, with finiteness checks.
 
     The model, optimizer and data of `loop` are left as the failed fit left them. `callbacks` replaces the callbacks the
@@ -231,9 +222,10 @@ def explain_nonfinite(loop: TrainingLoop, callbacks: Iterable[Any] | None = None
     replay_callbacks = _replay_callbacks(loop, callbacks)
     kept = {type(cb).__qualname__ for cb in replay_callbacks}
     state["callbacks"] = {k: v for k, v in state["callbacks"].items() if k.split("#")[0] in kept}
-    replay = TrainingLoop(loop.training, loop.validation, optimizer, watch.checked_loss(loop.loss_func),
-                          metrics=[copy.deepcopy(m) for m in loop.metrics[1:]], callbacks=replay_callbacks + [watch],
-                          include_default_callbacks=False)
+    # a loop of the failed one's class: this module never imports the loop, whose explain_nonfinite imports it
+    replay = type(loop)(loop.training, loop.validation, optimizer, watch.checked_loss(loop.loss_func),
+                        metrics=[copy.deepcopy(m) for m in loop.metrics[1:]], callbacks=replay_callbacks + [watch],
+                        include_default_callbacks=False)
     hooks = [m.register_forward_hook(watch.forward_hook) for m in model.modules()]
     hooks += [p.register_hook(lambda grad, p=p: watch.parameter_hook(p, grad)) for p in model.parameters() if p.requires_grad]
     anomaly = ""

@@ -60,7 +60,7 @@ def _describe(batch: Any) -> str:
 
 def _no_batches_error(data: Any, training: bool, epoch_index: int) -> ValueError:
     which = "training" if training else "validation"
-    if isinstance(data, Iterator):  # a generator, or any iterator: iter() gives itself, so a second epoch finds it empty
+    if isinstance(data, Iterator):  # a generator, or any iterator: iter() gives itself, so the next epoch gets nothing
         when = "was used up by an earlier epoch" if epoch_index else "produced no batches"
         return ValueError(f"the {which} data is a single-use iterator ({type(data).__name__}) and {when}: every epoch "
                           "iterates the data again, so pass something that can be iterated more than once, such as a "
@@ -68,8 +68,8 @@ def _no_batches_error(data: Any, training: bool, epoch_index: int) -> ValueError
     if training:
         return ValueError("the training data produced no batches this epoch; check that the dataset is not "
                           "empty and that batch_size is not larger than it with drop_last=True")
-    return ValueError("the validation data produced no batches, so there is nothing to validate on (its metrics would be "
-                      "nan); check that it is not empty, or pass validation=None to train without validation")
+    return ValueError("the validation data produced no batches, so there is nothing to validate on (its metrics would "
+                      "be nan); check that it is not empty, or pass validation=None to train without validation")
 
 def _batch_note(loop: Any, error: Exception) -> str:
     "Where an error in a batch happened; for a class index out of range, also how many classes the output scores."
@@ -79,13 +79,14 @@ def _batch_note(loop: Any, error: Exception) -> str:
             and output.dim() >= 2 and isinstance(target, torch.Tensor) and not target.is_floating_point():
         classes = output.shape[-1]
         where += (f": the model's output scores {classes} classes, so the targets must be class indices from 0 to "
-                  f"{classes - 1} (or -100, left out); check the labels of this batch and the model's number of classes")
+                  f"{classes - 1} (or -100, left out); check the labels of this batch and the model's number of "
+                  "classes")
     return where
 
 def _non_tensor_output_note(output: Any, metric: Any) -> str:
     kind = type(output).__name__
-    return (f"the model returned a {kind}, and the metric {getattr(metric, 'name', metric)!r} takes a tensor: make the model "
-            f"return one tensor, or pass metrics (as well as a loss_func) that take a {kind}")
+    return (f"the model returned a {kind}, and the metric {getattr(metric, 'name', metric)!r} takes a tensor: make "
+            f"the model return one tensor, or pass metrics (as well as a loss_func) that take a {kind}")
 
 # %% ../nbs/03_loop.ipynb #718ee41a
 def _check_fit_arguments(loop: Any, model: torch.nn.Module, epochs: int) -> int:
@@ -104,8 +105,9 @@ def _check_fit_arguments(loop: Any, model: torch.nn.Module, epochs: int) -> int:
                          "e.g. torch.optim.SGD(model.parameters(), lr=0.1), after building the model")
     _warn_left_out(model, optimizer_params)
     if loop.validation is not None and data_length(loop.validation) == 0:
-        raise ValueError("the validation data is empty (len() == 0), so there is nothing to validate on and its metrics "
-                         "would be nan; give it at least one batch, or pass validation=None to train without validation")
+        raise ValueError("the validation data is empty (len() == 0), so there is nothing to validate on and its "
+                         "metrics would be nan; give it at least one batch, or pass validation=None to train without "
+                         "validation")
     if data_length(loop.training) == 0:
         raise ValueError("the training data is empty (len() == 0); give it at least one batch "
                          "(with drop_last=True the dataset must hold at least batch_size samples)")
@@ -115,18 +117,21 @@ def _warn_left_out(model: torch.nn.Module, optimizer_params: set[int]) -> None:
     trainable = [p for p in model.parameters() if p.requires_grad]
     left_out = [p for p in trainable if id(p) not in optimizer_params]
     if not left_out: return
-    warnings.warn(f"the optimizer holds {len(trainable) - len(left_out)} of the model's {len(trainable)} trainable parameter "
-                  f"tensors: {len(left_out)} ({sum(p.numel() for p in left_out):,} values) will not be trained. Build it "
-                  "from model.parameters(), or freeze those with requires_grad_(False) if that is meant", stacklevel=4)
+    warnings.warn(f"the optimizer holds {len(trainable) - len(left_out)} of the model's {len(trainable)} trainable "
+                  f"parameter tensors: {len(left_out)} ({sum(p.numel() for p in left_out):,} values) will not be "
+                  "trained. Build it from model.parameters(), or freeze those with requires_grad_(False) if that is "
+                  "meant", stacklevel=4)
 
 # %% ../nbs/03_loop.ipynb #c0031ee8
 class TrainingLoop:
     "A Learner-like training loop: `fit(model, epochs, device)` with callbacks at every event."
 
-    def __init__(self, training: Iterable, validation: Iterable | None = None, optimizer: torch.optim.Optimizer | None = None,
-                 loss_func: Callable = softmax_cross_entropy, metrics: Iterable[Any] = (), callbacks: Iterable[Any] = (),
-                 include_default_callbacks: bool = True, stop_on_nonfinite: bool = True):
-        if optimizer is None: raise TypeError("TrainingLoop needs an optimizer, e.g. torch.optim.SGD(model.parameters(), lr=0.1)")
+    def __init__(self, training: Iterable, validation: Iterable | None = None,
+                 optimizer: torch.optim.Optimizer | None = None, loss_func: Callable = softmax_cross_entropy,
+                 metrics: Iterable[Any] = (), callbacks: Iterable[Any] = (), include_default_callbacks: bool = True,
+                 stop_on_nonfinite: bool = True):
+        if optimizer is None:
+            raise TypeError("TrainingLoop needs an optimizer, e.g. torch.optim.SGD(model.parameters(), lr=0.1)")
         check_loss_func(loss_func)
         self.training, self.validation, self.optimizer, self.loss_func = training, validation, optimizer, loss_func
         self.metrics: list[Metric] = make_metrics(metrics)
@@ -136,7 +141,8 @@ class TrainingLoop:
         self.callbacks: list[Any] = self.default_callbacks + self.user_callbacks
         self.history: list[dict] = []
         self.model, self.device, self.exception = None, None, None
-        self.phase, self.epoch_index, self.epoch_count, self.batch_index, self.batch_count, self.step = None, 0, 0, 0, None, 0
+        self.phase, self.epoch_index, self.epoch_count, self.step = None, 0, 0, 0
+        self.batch_index, self.batch_count = 0, None
         self.last_step_input = self.last_step_target = self.last_step_output = self.last_step_loss = None
         self.rank, self.world_size = 0, 1
         self.precision, self.accumulate_steps, self.compile, self.scaler = "32", 1, False, None
@@ -232,8 +238,13 @@ def _fit_end(self: TrainingLoop) -> None:
 @patch
 def fit(self: TrainingLoop, model: torch.nn.Module, epochs: int = 1, device: str | torch.device | None = None,
         callbacks: Iterable[Any] = (), *, precision: str = "32", accumulate_steps: int = 1,
-        compile: bool = False, resume_from: str | os.PathLike | dict | None = None) -> list[dict]:
-    "Train `model` for `epochs` on `device` (default: the best available); returns `history`. `resume_from` continues a run."
+        compile: bool = False, resume_from: str | os.PathLike | dict | None = None, background: bool = False) -> Any:
+    """Train `model` for `epochs` on `device` (default: the best available); returns `history`. `resume_from`
+    continues a run; `background=True` trains in a thread and returns a `BackgroundFit` at once (see `background`)."""
+    if background:
+        from trainloop_nb.background import start_background
+        return start_background(self, model, epochs, device, callbacks, precision=precision,
+                                accumulate_steps=accumulate_steps, compile=compile, resume_from=resume_from)
     epochs = _check_fit_arguments(self, model, epochs)
     self.precision, self.accumulate_steps = check_precision(precision), check_accumulate_steps(accumulate_steps)
     self.compile = bool(compile)
@@ -404,7 +415,7 @@ def _validation_step(self: TrainingLoop) -> None:
 
 @patch
 def _on_device(self: TrainingLoop, batch: Any) -> tuple[Any, Any]:
-    "The batch as (input, target) on the loop's device; a tensor already there is taken as it is, with no call into torch."
+    "The batch as (input, target) on the loop's device; a tensor already there is taken as it is (no call into torch)."
     if not isinstance(batch, (tuple, list)) or len(batch) != 2: raise _not_a_pair(batch)
     input, target = batch
     device = self.device
@@ -433,12 +444,12 @@ def state_dict(self: TrainingLoop) -> dict[str, Any]:
 
 @patch
 def load_state_dict(self: TrainingLoop, state: dict[str, Any]) -> None:
-    "Make the next `fit` continue the run `state` came from (a `state_dict()` or a loaded checkpoint), as `resume_from=state` does."
+    "Make the next `fit` continue the run `state` came from (a `state_dict()` or a checkpoint), as `resume_from` does."
     self._run.load(state)
 
 @patch
 def resume(self: TrainingLoop) -> list[dict]:
-    "Continue the last fit, stopped by an error, Ctrl-C or SIGTERM, in memory from its last completed step; returns `history`."
+    "Continue the last fit, stopped by an error, Ctrl-C or SIGTERM, in memory from its last completed step."
     return self.fit(self.model, self.epoch_count, self.device, **self._run.stopped_fit())
 
 # %% ../nbs/03_loop.ipynb #b44d8a07
@@ -455,8 +466,34 @@ def interpret(self: TrainingLoop, data: Iterable | None = None, **kwargs) -> Any
     return interpret_loop(self, data, **kwargs)
 
 @patch
-def lr_find(self: TrainingLoop, model: torch.nn.Module, start_lr: float = 1e-7, end_lr: float = 10.0, num_steps: int = 100,
-            device: str | torch.device | None = None, **kwargs) -> Any:
-    "The learning-rate range test on this loop's data, optimizer and loss; leaves everything as found (see `callbacks.lr_finder`)."
+def lr_find(self: TrainingLoop, model: torch.nn.Module, start_lr: float = 1e-7, end_lr: float = 10.0,
+            num_steps: int = 100, device: str | torch.device | None = None, **kwargs) -> Any:
+    "The learning-rate range test on this loop's data, optimizer and loss; leaves all as found (see `lr_finder`)."
     from trainloop_nb.callbacks.lr_finder import lr_find
     return lr_find(self, model, start_lr, end_lr, num_steps, device, **kwargs)
+
+# %% ../nbs/03_loop.ipynb #c2d03aad
+@patch
+def fit_one_cycle(self: TrainingLoop, model: torch.nn.Module, epochs: int, lr_max: float | slice,
+                  **kwargs) -> list[dict]:
+    "`fit` with the one-cycle policy peaking at `lr_max` (a `slice`: a rate per layer group) (see `finetune`)."
+    from trainloop_nb.finetune import fit_one_cycle
+    return fit_one_cycle(self, model, epochs, lr_max, **kwargs)
+
+@patch
+def fine_tune(self: TrainingLoop, model: torch.nn.Module, epochs: int, base_lr: float = 2e-3, **kwargs) -> list[dict]:
+    "fastai's `fine_tune`: the head with the body frozen, then everything at discriminative rates (see `finetune`)."
+    from trainloop_nb.finetune import fine_tune
+    return fine_tune(self, model, epochs, base_lr, **kwargs)
+
+@patch
+def explain_nonfinite(self: TrainingLoop, **kwargs) -> Any:
+    "After a `FloatingPointError`: replay to the first non-finite step and say where it began (see `explain`)."
+    from trainloop_nb.explain import explain_nonfinite
+    return explain_nonfinite(self, **kwargs)
+
+@patch
+def monitor(self: TrainingLoop) -> Any:
+    "The live bars of this loop's background fit, for any cell (see `background`)."
+    from trainloop_nb.background import monitor
+    return monitor(self)

@@ -11,8 +11,9 @@ from typing import Any, Iterable
 import torch
 
 # %% auto #0
-__all__ = ['IGNORE_INDEX', 'METRICS', 'Metric', 'is_binary', 'predictions', 'class_targets', 'Loss', 'Accuracy', 'TopKAccuracy',
-           'MatthewsCorrelation', 'matthews_from_confusion', 'Perplexity', 'TorchMetric', 'make_metrics']
+__all__ = ['IGNORE_INDEX', 'METRICS', 'Metric', 'is_binary', 'predictions', 'class_targets', 'RunningMean', 'Loss', 'Accuracy',
+           'TopKAccuracy', 'MatthewsCorrelation', 'matthews_from_confusion', 'Perplexity', 'TorchMetric',
+           'make_metrics']
 
 # %% ../nbs/02_metrics.ipynb #9c48d8fb
 class Metric:
@@ -57,7 +58,7 @@ def class_targets(target: torch.Tensor, pred: torch.Tensor, binary: bool = False
     return target.reshape(pred.shape)
 
 # %% ../nbs/02_metrics.ipynb #d4067ad4
-class _RunningMean(Metric):
+class RunningMean(Metric):
     """A sum over the phase, kept on the device, over a count of what was summed (a number or a device tensor).
 
     `update` adds each batch's share with device operations only; nothing it is handed is kept."""
@@ -108,7 +109,7 @@ class _RunningMean(Metric):
 def _cloned(value: Any) -> Any:
     return value.detach().clone() if isinstance(value, torch.Tensor) else value
 
-class Loss(_RunningMean):
+class Loss(RunningMean):
     "Mean of the loop's loss over the phase, weighted by the number of samples in each batch."
     def __init__(self, name: str = "loss"): super().__init__(name)
 
@@ -117,7 +118,7 @@ class Loss(_RunningMean):
         n = shape[0] if shape else 1  # a 0-d or missing target counts as one sample
         self._add(loss, n, weight=n)
 
-class _Hits(_RunningMean):
+class _Hits(RunningMean):
     """Hits over counted predictions (`Accuracy`, `TopKAccuracy`); a target equal to `IGNORE_INDEX` is not counted.
 
     Each batch's comparison is a pair of boolean tensors this metric made; they wait, and `group` batches of them
@@ -237,7 +238,7 @@ def _matthews(c: torch.Tensor) -> torch.Tensor:
     return torch.where(denominator == 0, torch.zeros_like(cov_ytyp), cov_ytyp / denominator)
 
 # %% ../nbs/02_metrics.ipynb #bc309285
-class Perplexity(_RunningMean):
+class Perplexity(RunningMean):
     "exp of the token-weighted mean loss over the phase (for language models); ignored tokens (-100) weigh nothing."
     def __init__(self, name: str = "perplexity"): super().__init__(name)
 

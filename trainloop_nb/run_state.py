@@ -26,7 +26,7 @@ from .metrics import Metric
 
 # %% auto #0
 __all__ = ['STATE_VERSION', 'read_checkpoint', 'check_run_state', 'torch_rng_state', 'rng_state', 'set_rng_state', 'has_state',
-           'clone_state', 'check_state_fits', 'RunState']
+           'data_generators', 'clone_state', 'check_state_fits', 'RunState']
 
 # %% ../nbs/02f_run_state.ipynb #2f22ec48
 STATE_VERSION = 2  # 2: metric sums by name, the fit's options, data that restores itself
@@ -88,7 +88,7 @@ def _data_state(data: Any) -> Any: return data.state_dict() if has_state(data) e
 def _load_data_state(data: Any, state: Any) -> None:
     if state is not None and has_state(data): data.load_state_dict(state)
 
-def _data_generators(data: Any) -> list[torch.Generator]:
+def data_generators(data: Any) -> list[torch.Generator]:
     "The generators a DataLoader draws its order from: its own, its sampler's, its batch sampler's sampler's."
     found: list[torch.Generator] = []
     for owner in (data, getattr(data, "sampler", None), getattr(getattr(data, "batch_sampler", None), "sampler", None)):
@@ -98,12 +98,12 @@ def _data_generators(data: Any) -> list[torch.Generator]:
 
 def _phase_start_state(data: Any, device: torch.device | None) -> dict[str, Any]:
     "What iter(data) depends on, taken just before it: torch's generators, the data's own, the data's position."
-    return {"torch": torch_rng_state(device), "generators": [g.get_state() for g in _data_generators(data)],
+    return {"torch": torch_rng_state(device), "generators": [g.get_state() for g in data_generators(data)],
             "data": _data_state(data)}
 
 def _restore_phase_start(data: Any, state: dict[str, Any], device: torch.device | None) -> None:
     _set_torch_rng_state(state["torch"], device)
-    for generator, saved in zip(_data_generators(data), state["generators"]): generator.set_state(saved)
+    for generator, saved in zip(data_generators(data), state["generators"]): generator.set_state(saved)
     _load_data_state(data, state["data"])
 
 def _skips_itself(data: Any, start: dict[str, Any]) -> bool:
@@ -309,7 +309,7 @@ class RunState:
             skip, pending = 0, position["pending_batch"]
         batches = iter(data) if pending is None else itertools.chain([pending], iter(data))
         if position is not None and "data_now" in position:  # what iter() drew while putting itself back is undone
-            for generator, saved in zip(_data_generators(data), position["generators_now"]): generator.set_state(saved)
+            for generator, saved in zip(data_generators(data), position["generators_now"]): generator.set_state(saved)
         for skipped in range(skip):  # any other iterable: draw the batches already done and drop them
             try: next(batches)
             except StopIteration:
@@ -408,7 +408,7 @@ class RunState:
         data = self.loop.training if training else self.loop.validation
         if not _restores_itself(data, self.phase_start): return {}
         return {"data_now": data.state_dict(), "pending_batch": self.batch if inside_batch else None,
-                "generators_now": [g.get_state() for g in _data_generators(data)]}
+                "generators_now": [g.get_state() for g in data_generators(data)]}
 
     def _resuming_phase(self) -> dict | None:
         position = self._resume["position"] if self._resume is not None else None

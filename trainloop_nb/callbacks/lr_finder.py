@@ -16,7 +16,7 @@ from typing import Any, Iterable
 import numpy as np
 import torch
 
-from .schedule import _group_ratios, _set_group_rates
+from .schedule import group_ratios, set_group_rates
 from ..core import Callback, CancelFit
 
 # %% auto #0
@@ -146,11 +146,11 @@ class _RangeTest(Callback):
         self._stepped = False  # whether the current batch ends with an optimizer step
 
     def fit_start(self, loop) -> None:
-        self.ratios = _group_ratios([group["lr"] for group in loop.optimizer.param_groups])
+        self.ratios = group_ratios([group["lr"] for group in loop.optimizer.param_groups])
 
     def batch_start(self, loop) -> None:
         if loop.phase != "training" or self._step_losses: return  # not the first batch of an optimizer step
-        _set_group_rates(loop.optimizer.param_groups, self.rates[len(self.losses)], self.ratios)
+        set_group_rates(loop.optimizer.param_groups, self.rates[len(self.losses)], self.ratios)
 
     def update_start(self, loop) -> None: self._stepped = True  # fires only before a real optimizer step
 

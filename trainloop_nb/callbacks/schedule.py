@@ -20,7 +20,8 @@ from ..core import Callback
 
 # %% auto #0
 __all__ = ['linear', 'cosine', 'exponential', 'constant', 'Shape', 'ScheduleSegment', 'Schedule', 'ScheduleFunction',
-           'make_schedule', 'LearningRateScheduler', 'OneCycle', 'OneCycleScheduler', 'plot_schedule']
+           'make_schedule', 'LearningRateScheduler', 'group_ratios', 'set_group_rates', 'OneCycle', 'OneCycleScheduler',
+           'plot_schedule']
 
 # %% ../../nbs/13_callbacks.schedule.ipynb #635e93e1
 class Shape:
@@ -317,7 +318,7 @@ class LearningRateScheduler(Callback):
             self.rates_applied, self.stride = [], 1
             self.fit_steps = self._fit_steps(loop)
         self._resumed = False
-        self._ratios = _group_ratios(self.found_rates)
+        self._ratios = group_ratios(self.found_rates)
         self._start_schedule()
 
     def _fit_steps(self, loop) -> int | None:
@@ -339,7 +340,7 @@ class LearningRateScheduler(Callback):
         step = loop.step
         rate = float(self._rate(step if step < self._last_step else self._last_step))  # past the end: hold the last
         if not 0 <= rate < math.inf: _check_applied_rate(step, rate)  # a Schedule of your own function may go wrong
-        _set_group_rates(loop.optimizer.param_groups, rate, self._ratios)
+        set_group_rates(loop.optimizer.param_groups, rate, self._ratios)
         self._record(step, rate)
 
     def _record(self, step: int, rate: float) -> None:
@@ -374,7 +375,7 @@ class LearningRateScheduler(Callback):
         self.found_rates = [_kept(r) for r in state["found_rates"]] or None
         self.rates_applied = [(int(s), float(r)) for s, r in state["rates_applied"]]
         if self._in_fit:  # loaded after fit_start read the (already scheduled) rates of the resumed optimizer
-            self._ratios = _group_ratios(self.found_rates)
+            self._ratios = group_ratios(self.found_rates)
             self._start_schedule()
         else: self._resumed = True
 
@@ -392,7 +393,7 @@ def _kept(rate: Any) -> Any:
     "A copy of a group's rate that later changes to the group cannot reach (a tensor rate is cloned, not read)."
     return rate.detach().clone() if isinstance(rate, torch.Tensor) else rate
 
-def _group_ratios(found: list) -> tuple[float, ...]:
+def group_ratios(found: list) -> tuple[float, ...]:
     "lr_i / lr_0 for each group: the factor on one rate that keeps the groups' ratio (the scheduler's and lr_find's)."
     if len(found) == 1: return (1.0,)
     values = [float(r) for r in found]  # a tensor rate is read here, once per fit, never per step
@@ -402,7 +403,7 @@ def _group_ratios(found: list) -> tuple[float, ...]:
                          "on every group as r x lr_i / lr_0, keeping the ratios found)")
     return tuple(1.0 if v == values[0] else v / values[0] for v in values)
 
-def _set_group_rates(groups: list[dict], rate: float, ratios: Sequence[float]) -> None:
+def set_group_rates(groups: list[dict], rate: float, ratios: Sequence[float]) -> None:
     "Set `rate` x ratio on each parameter group; a tensor rate is filled in place (no new tensor, no device read)."
     for group, ratio in zip(groups, ratios):
         if isinstance(group["lr"], torch.Tensor): group["lr"].fill_(rate * ratio)
@@ -535,7 +536,7 @@ class OneCycleScheduler(Callback):
         else:
             first = self.cycles[0]
             cycles = [OneCycle(first.lr_max * ratio, first.div, first.div_final, first.pct_start, first.moms)
-                      for ratio in _group_ratios(self.found_rates)]
+                      for ratio in group_ratios(self.found_rates)]
         self._rates = [cycle(self.fit_steps).rate for cycle in cycles]
         self._momenta = cycles[0].momenta(self.fit_steps).rate if self._key else None
         self._last_step = self.fit_steps - 1
@@ -581,7 +582,7 @@ class OneCycleScheduler(Callback):
             raise RuntimeError("this OneCycleScheduler has not started a fit; before training, use "
                                "plot_schedule(OneCycle(lr_max), total_steps=...)")
         first = self.cycles[0]
-        peak = first.lr_max if self.per_group else first.lr_max * _group_ratios(self.found_rates)[0]
+        peak = first.lr_max if self.per_group else first.lr_max * group_ratios(self.found_rates)[0]
         epochs = self.epoch_count if self.total_steps is None else None  # boundaries only where steps follow epochs
         return plot_schedule(OneCycle(peak, first.div, first.div_final, first.pct_start, self.moms), epochs,
                              total_steps=self.fit_steps, **kwargs)
