@@ -30,7 +30,8 @@ class EMA(Callback):
             raise ValueError(f"decay must be a number from 0 to 1 (the weight the average keeps at each update; "
                              f"0.999 averages over about the last 1000 updates), got {decay!r}")
         if isinstance(every_steps, bool) or not isinstance(every_steps, numbers.Integral) or every_steps < 1:
-            raise ValueError(f"every_steps must be a whole number >= 1 (optimizer steps between updates), got {every_steps!r}")
+            raise ValueError(f"every_steps must be a whole number >= 1 (optimizer steps between updates), "
+                             f"got {every_steps!r}")
         self.decay, self.every_steps = float(decay), int(every_steps)
         self.updates = 0  # averaging steps so far in this run
         self._names: list[str] = []  # the model's floating-point state_dict entries, in order
@@ -102,19 +103,19 @@ class EMA(Callback):
         with torch.no_grad(): torch._foreach_copy_([state[name] for name in self._names], self._averages)
 
     def state_dict(self) -> dict[str, Any]:
-        """The averages and the update count; taken during validation, also the training weights, since the model then
-        holds the averages. As with `Module.state_dict()`, the tensors are the live ones: save it before training goes on."""
+        """The averages, the update count and the last step seen; taken during validation, also the training weights,
+        since the model then holds the averages. As with `Module.state_dict()`, the tensors are the live ones."""
         return {"decay": self.decay, "every_steps": self.every_steps, "updates": self.updates, "step": self._step_seen,
                 "averages": None if self._averages is None else dict(zip(self._names, self._averages)),
                 "training_weights": dict(zip(self._names, self._held)) if self._swapped else None}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        "Continue the run a `state_dict()` came from: the next `fit_start` puts it back (the loop does this when resuming)."
+        "Continue the run a `state_dict()` came from: the next `fit_start` puts it back (as the loop does to resume)."
         missing = {"decay", "every_steps", "updates", "step", "averages", "training_weights"} - set(state)
         if missing: raise ValueError(f"EMA state is missing {sorted(missing)}; pass what EMA.state_dict() returned")
         if (state["decay"], state["every_steps"]) != (self.decay, self.every_steps):
-            raise ValueError(f"the state is of EMA(decay={state['decay']}, every_steps={state['every_steps']}), but this is "
-                             f"{self!r}; resume the run with the EMA it was started with")
+            raise ValueError(f"the state is of EMA(decay={state['decay']}, every_steps={state['every_steps']}), but "
+                             f"this is {self!r}; resume the run with the EMA it was started with")
         self._loaded = state
 
     def _continue(self, loop, state: dict[str, Any]) -> None:
@@ -122,14 +123,15 @@ class EMA(Callback):
         averages, held = state["averages"], state["training_weights"]
         found = list(averages) if averages is not None else self._names
         if found != self._names:
-            raise ValueError(f"the EMA state averages {len(found)} tensors ({', '.join(found[:3])}, ...), but this model's "
-                             f"floating-point state has {len(self._names)} ({', '.join(self._names[:3])}, ...); resume "
-                             "with the model the run was started with")
+            raise ValueError(f"the EMA state averages {len(found)} tensors ({', '.join(found[:3])}, ...), but this "
+                             f"model's floating-point state has {len(self._names)} ({', '.join(self._names[:3])}, ...);"
+                             " resume with the model the run was started with")
         self.updates, self._step_seen = int(state["updates"]), int(state["step"])
         self._averages = None if averages is None else [averages[n].to(t.device, t.dtype, copy=True)
                                                          for n, t in zip(self._names, self._live)]
         if held is not None:  # taken during validation: the model was loaded with the averages, not its own weights
-            with torch.no_grad(): torch._foreach_copy_(self._live, [held[n].to(t.device) for n, t in zip(self._names, self._live)])
+            training_weights = [held[name].to(t.device) for name, t in zip(self._names, self._live)]
+            with torch.no_grad(): torch._foreach_copy_(self._live, training_weights)
         if loop.step != self._step_seen: self._after_step(loop)  # the state was taken between a step and our batch_end
 
     def __repr__(self) -> str: return f"EMA(decay={self.decay}, every_steps={self.every_steps})"
