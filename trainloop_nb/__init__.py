@@ -11,8 +11,8 @@ import importlib
 
 _MODULES = ("core", "data", "data_files", "metrics", "distributed", "loop", "models", "callbacks.progress",
             "callbacks.charts", "callbacks.logging", "callbacks.schedule", "callbacks.inspector", "callbacks.lr_finder",
-            "callbacks.clipping", "callbacks.early_stopping", "callbacks.checkpoint", "callbacks.tracking", "summary",
-            "interpret", "designer", "compare", "demo")
+            "callbacks.clipping", "callbacks.early_stopping", "callbacks.checkpoint", "callbacks.tracking",
+            "callbacks.ema", "callbacks.plateau", "summary", "interpret", "designer", "compare", "demo")
 
 def _load_all() -> list[str]:
     "Import every module and copy its public names here; returns them all, in module order."
