@@ -242,6 +242,19 @@ def test_a_state_taken_by_another_callback_resumes_bitwise(reference, phase, ord
     check_same(reference, model, ema, history)
 
 
+def test_a_model_with_extra_state_is_averaged_without_it():
+    class Tagged(torch.nn.Linear):
+        "A layer whose state_dict holds a non-tensor extra state (as some quantised or sharded layers do)."
+        def get_extra_state(self): return {"tag": "v1"}
+        def set_extra_state(self, state): pass
+    ema = EMA(decay=0.5)
+    loop, model = make_loop([ema])
+    model[4] = Tagged(12, 2)
+    loop.optimizer.add_param_group({"params": model[4].parameters()})
+    loop.fit(model, epochs=1, device="cpu")
+    assert ema.updates == 4 and "4._extra_state" not in ema.state_dict()["averages"]
+
+
 def test_a_new_fit_is_a_new_run():
     ema = EMA(decay=0.5)
     loop, model = make_loop([ema])

@@ -43,7 +43,8 @@ class EMA(Callback):
         self._loaded: dict[str, Any] | None = None  # a run's state to continue, from load_state_dict until fit_start
 
     def fit_start(self, loop) -> None:
-        live = [(name, t) for name, t in loop.model.state_dict().items() if t.is_floating_point()]
+        live = [(name, t) for name, t in loop.model.state_dict().items()
+                if isinstance(t, torch.Tensor) and t.is_floating_point()]  # not integer buffers, not extra state
         self._names, self._live = [name for name, _ in live], [t for _, t in live]
         self._held, self._swapped, self._in_fit, self._step_seen = None, False, True, loop.step
         state, self._loaded = self._loaded, None
