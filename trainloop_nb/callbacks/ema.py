@@ -5,7 +5,6 @@
 # %% ../../nbs/28_callbacks.ema.ipynb #ae649b61
 from __future__ import annotations
 
-import math
 import numbers
 from typing import Any
 
