@@ -53,16 +53,11 @@ def check_run_state(state: Any, source: str) -> None:
                               "resume it with the version that wrote it")
 
 # %% ../nbs/02f_run_state.ipynb #54a81e87
-def torch_rng_state(device: torch.device | None, clone: bool = False) -> dict[str, Any]:
-    "torch's generators' states (the CPU's, the CUDA device's); `clone=True` clones the CPU generator (cheaper, ~1 µs)."
-    cpu = torch.default_generator
-    state = {"cpu": cpu.clone_state() if clone else cpu.get_state()}
-    if device is not None and device.type == "cuda": state["cuda"] = torch.cuda.get_rng_state(device)  # no device wait
+def torch_rng_state(device: torch.device | None) -> dict[str, Any]:
+    "torch's generators' states: the CPU's, and the CUDA device's (its seed and offset, on the host: no device wait)."
+    state = {"cpu": torch.default_generator.get_state()}
+    if device is not None and device.type == "cuda": state["cuda"] = torch.cuda.get_rng_state(device)
     return state
-
-def _rng_tensors(state: dict[str, Any]) -> dict[str, torch.Tensor]:
-    "A state taken with `clone=True` as tensors, for a checkpoint."
-    return {k: v.get_state() if isinstance(v, torch.Generator) else v for k, v in state.items()}
 
 def _set_torch_rng_state(state: dict[str, torch.Tensor], device: torch.device | None) -> None:
     torch.set_rng_state(state["cpu"])
@@ -236,6 +231,7 @@ class RunState:
         self.epoch_record, self.epoch_started, self.phases_done = None, 0.0, []
         self.open_phase_name, self.phase_start, self.batches_done = None, None, 0
         self.batch, self.batch_rng = None, None  # the training batch under way, and torch's generators as it started
+        self._cuda = False
 
     # -- what the loop calls, in the order of a fit ---------------------------------------------------------------
     def start(self, resume_from: str | os.PathLike | dict | None, fit_callbacks: list[Any]) -> None:
@@ -288,6 +284,7 @@ class RunState:
     def open_phase(self, phase: Phase) -> None:
         "A phase starts (metrics just reset); resuming inside it, its metric sums (and non-finite watch) put back."
         self.open_phase_name, self.phase_start, self.batches_done, self.batch_rng = phase.value, None, 0, None
+        self._cuda = self.loop.device.type == "cuda"
         if phase is Phase.training: self.nonfinite.start()
         position = self._resuming_phase()
         if position is None: return
@@ -324,8 +321,9 @@ class RunState:
         return batches, done
 
     def training_batch_start(self, batch: Any) -> None:
-        "As a training batch starts: the batch (for data that restores itself) and torch's generators (~1 µs, no wait)."
-        self.batch, self.batch_rng = batch, torch_rng_state(self.loop.device, clone=True)
+        "As a training batch starts: the batch (for data that restores itself) and torch's generators (no device wait)."
+        self.batch, self.batch_rng = batch, torch.default_generator.get_state()  # a 5 KB copy
+        if self._cuda: self.batch_cuda_rng = torch.cuda.get_rng_state(self.loop.device)
 
     def close_phase(self, phase: Phase) -> None:
         self.phases_done.append(phase.value)
@@ -395,7 +393,9 @@ class RunState:
         # (None before the phase's first batch: a resume then takes torch's generators as they were at the stop.)
         batch_rng = None
         if training and self.batch_rng is not None:
-            batch_rng = _rng_tensors(self.batch_rng) if inside_batch else torch_rng_state(loop.device)
+            batch_rng = torch_rng_state(loop.device)  # between batches: as they are now
+            if inside_batch:
+                batch_rng = {"cpu": self.batch_rng, **({"cuda": self.batch_cuda_rng} if self._cuda else {})}
         position.update(phase=self.open_phase_name, batch=self.batches_done, phase_start=self.phase_start,
                         metrics={m.name: _metric_state(m) for m in loop.metrics},
                         **self._data_position(training, inside_batch),
