@@ -17,7 +17,7 @@ from .core import add_note
 from .run_state import torch_rng_state
 
 # %% auto #0
-__all__ = ['ON_OOM', 'check_on_oom', 'samples_in', 'split_batch', 'detached', 'join_outputs', 'OomSplit']
+__all__ = ['ON_OOM', 'check_on_oom', 'samples_in', 'split_batch', 'join_outputs', 'OomSplit']
 
 # %% ../nbs/02i_oom.ipynb #96b77d32
 ON_OOM = ("raise", "split")
@@ -59,11 +59,11 @@ def split_batch(batch: Any, parts: int, samples: int) -> list[Any]:
     return [batch] * parts
 
 # %% ../nbs/02i_oom.ipynb #7b64a6c1
-def detached(value: Any) -> Any:
+def _detached(value: Any) -> Any:
     "`value` with every tensor in it detached (nested in tuples, lists and dicts)."
     if isinstance(value, torch.Tensor): return value.detach()
-    if isinstance(value, dict): return type(value)((k, detached(v)) for k, v in value.items())
-    if isinstance(value, (tuple, list)): return _rebuilt(value, [detached(v) for v in value])
+    if isinstance(value, dict): return type(value)((k, _detached(v)) for k, v in value.items())
+    if isinstance(value, (tuple, list)): return _rebuilt(value, [_detached(v) for v in value])
     return value
 
 def join_outputs(parts: list[Any], shares: list[float]) -> Any:
@@ -103,7 +103,7 @@ def _in_parts(forward_backward: Callable, input: Any, target: Any, parts: int, s
     for part_input, part_target, share in zip(split_batch(input, parts, samples), split_batch(target, parts, samples),
                                               shares):
         output, loss = forward_backward(part_input, part_target, share)
-        outputs.append(detached(output))
+        outputs.append(_detached(output))
         losses.append(loss.detach() * share)
     return join_outputs(outputs, shares), torch.stack(losses).sum()
 
