@@ -303,7 +303,8 @@ def _set_up(self: TrainingLoop, model: torch.nn.Module, device: str | torch.devi
         raise
     self.rank, self.world_size, self.model = placed.rank, placed.world_size, placed.model
     self._training_model, self._inference_model = placed.training_model, placed.inference_model
-    self._split, self.micro_batches = OomSplit(self) if self.on_oom == "split" else None, 1
+    self._split = OomSplit(self) if self.on_oom == "split" else None
+    self.micro_batches = 1  # every fit starts with whole batches; on_oom="split" doubles it after running out
     self._plain_step = self._mixed.plain and self._split is None  # the step's one test
 
 @patch
