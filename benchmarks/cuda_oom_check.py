@@ -123,7 +123,7 @@ def hand_loop(model: torch.nn.Module, data: list, parts: int, lr: float = 0.1) -
 
 def check_activations(budget: int) -> list[str]:
     features, width, depth, classes, steps = 64, 1024, 16, 10, 4
-    saved_a_sample = 2 * depth * width * 4  # each layer's output and ReLU's, float32 (an estimate)
+    saved_a_sample = depth * width * 4  # autograd keeps each ReLU's float32 output (the next Linear's input too)
     size = int(1.5 * budget_left(budget) / saved_a_sample)
     data = batches(steps, size, features, classes)
     torch.manual_seed(0)
