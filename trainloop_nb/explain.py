@@ -233,7 +233,7 @@ def explain_nonfinite(loop: Any, callbacks: Iterable[Any] | None = None) -> Nonf
         with _SavedRandomness(loop), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # detect_anomaly's traceback warning; the report says what it found
             try: replay.fit(model, loop.epoch_count, loop.device, precision=loop.precision,
-                            accumulate_steps=loop.accumulate_steps, resume_from=state)
+                            accumulate_steps=loop.accumulate_steps, resume_from=state, on_oom=loop.on_oom)
             except (RuntimeError, FloatingPointError) as replay_error:
                 if watch.found is None: raise
                 anomaly = str(replay_error).splitlines()[0] if isinstance(replay_error, RuntimeError) else ""

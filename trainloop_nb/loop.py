@@ -26,6 +26,7 @@ from .losses import (check_loss, check_loss_func, mean_squared_error, sigmoid_cr
                                  softmax_cross_entropy)
 from .metrics import Metric, make_metrics
 from .nonfinite import NonfiniteWatch, nonfinite_error
+from .oom import OomSplit, check_on_oom
 from .precision import StepPrecision, check_accumulate_steps, check_precision
 from .run_state import RunState
 from .signals import SignalGuard
@@ -146,12 +147,14 @@ class TrainingLoop:
         self.last_step_input = self.last_step_target = self.last_step_output = self.last_step_loss = None
         self.rank, self.world_size = 0, 1
         self.precision, self.accumulate_steps, self.compile, self.scaler = "32", 1, False, None
+        self.on_oom, self.micro_batches = "raise", 1  # on_oom="split": training batches in micro_batches parts
         self.stop_on_nonfinite = bool(stop_on_nonfinite)
         self.stop_training = False  # a callback sets it to end the fit after the current epoch (Keras' name)
         self._handlers: dict = {}
         self._disabled: list[Any] = []  # switched-off callbacks, the objects themselves (an id could be reused)
         self._step_metrics: list[Metric] | None = None
         self._placed = self._mixed = self._training_model = self._inference_model = None  # set up per fit
+        self._split, self._plain_step = None, True  # per fit too: the `oom.OomSplit`, whether the plain step runs
         self._signals, self._nonfinite = SignalGuard(), NonfiniteWatch()
         self._run = RunState(self, self._signals, self._nonfinite)
 
@@ -250,7 +253,7 @@ def _training_batch(self: TrainingLoop, batch: Any) -> None:
 
 @patch
 def _training_step(self: TrainingLoop) -> None:
-    if not self._mixed.plain: return self._mixed_or_accumulated_step()  # precision or accumulate_steps given
+    if not self._plain_step: return self._mixed_or_accumulated_step()  # precision, accumulate_steps or on_oom given
     self.optimizer.zero_grad(set_to_none=True)
     self.last_step_output = self._training_model(self.last_step_input)  # under torchrun, the DDP-wrapped model
     self.last_step_loss = check_loss(self.loss_func(self.last_step_output, self.last_step_target))
@@ -261,18 +264,34 @@ def _training_step(self: TrainingLoop) -> None:
 
 @patch
 def _mixed_or_accumulated_step(self: TrainingLoop) -> None:
-    "The same step with mixed precision (autocast, GradScaler) and gradients summed over a group of batches."
+    "The same step with mixed precision (autocast, GradScaler), gradients summed over a group of batches, or split."
     mixed = self._mixed
     first, last = mixed.group_position(self.batch_index, self.batch_count)  # both True without accumulation
     if first: self.optimizer.zero_grad(set_to_none=True)
-    with self._placed.gradient_sync(last):  # under DDP: gradients averaged over ranks on a group's last batch only
-        with mixed.autocast:
-            self.last_step_output = self._training_model(self.last_step_input)
-            self.last_step_loss = check_loss(self.loss_func(self.last_step_output, self.last_step_target))
-        mixed.backward(self.last_step_loss, last, self.optimizer)
+    if self._split is not None: self._split_forward_backward(first, last)  # on_oom="split"
+    else:
+        with self._placed.gradient_sync(last):  # under DDP: gradients averaged over ranks on a group's last batch only
+            with mixed.autocast:
+                self.last_step_output = self._training_model(self.last_step_input)
+                self.last_step_loss = check_loss(self.loss_func(self.last_step_output, self.last_step_target))
+            mixed.backward(self.last_step_loss, last, self.optimizer)
     if not last: return
     if self._handlers[_UPDATE_START]: self._fire(_UPDATE_START)
     if mixed.step(self.optimizer): self.step += 1  # a float16 step GradScaler skipped is not counted
+
+@patch
+def _split_forward_backward(self: TrainingLoop, first: bool, last: bool) -> None:
+    "Forward and backward in `micro_batches` parts, more after an out-of-memory error: `oom.OomSplit` runs this."
+    mixed = self._mixed
+    def forward_backward(input: Any, target: Any, share: float) -> tuple[Any, torch.Tensor]:
+        with mixed.autocast:
+            output = self._training_model(input)
+            loss = check_loss(self.loss_func(output, target))
+        mixed.backward(loss * share if share != 1.0 else loss, False, self.optimizer)  # the sample share of a mean
+        return output, loss
+    self.last_step_output, self.last_step_loss = self._split.run(forward_backward, carry=not first)
+    if last: mixed.finish_group(self.optimizer)  # after the group's earlier gradients are back in
+
 
 # %% ../nbs/03_loop.ipynb #09fedd4a
 @patch
@@ -371,16 +390,19 @@ def _batches(self: TrainingLoop, data: Iterable, training: bool) -> None:
 @patch
 def fit(self: TrainingLoop, model: torch.nn.Module, epochs: int = 1, device: str | torch.device | None = None,
         callbacks: Iterable[Any] = (), *, precision: str = "32", accumulate_steps: int = 1,
-        compile: bool = False, resume_from: str | os.PathLike | dict | None = None, background: bool = False) -> Any:
+        compile: bool = False, resume_from: str | os.PathLike | dict | None = None, background: bool = False,
+        on_oom: str = "raise") -> Any:
     """Train `model` for `epochs` on `device` (default: the best available); returns `history`. `resume_from`
-    continues a run; `background=True` trains in a thread and returns a `BackgroundFit` at once (see `background`)."""
+    continues a run; `background=True` trains in a thread and returns a `BackgroundFit` at once (see `background`);
+    `on_oom="split"` runs a training batch that is out of memory again in micro-batches (see `oom`)."""
     if background:
         from trainloop_nb.background import start_background
         return start_background(self, model, epochs, device, callbacks, precision=precision,
-                                accumulate_steps=accumulate_steps, compile=compile, resume_from=resume_from)
+                                accumulate_steps=accumulate_steps, compile=compile, resume_from=resume_from,
+                                on_oom=on_oom)
     epochs = _check_fit_arguments(self, model, epochs)
     self.precision, self.accumulate_steps = check_precision(precision), check_accumulate_steps(accumulate_steps)
-    self.compile = bool(compile)
+    self.compile, self.on_oom = bool(compile), check_on_oom(on_oom)
     self._set_up(model, device)
     self.callbacks = self._callbacks_for_fit(list(callbacks))
     self._build_handlers()
@@ -421,19 +443,24 @@ def _set_up(self: TrainingLoop, model: torch.nn.Module, device: str | torch.devi
     self.device = fit_device(device)
     self._mixed = StepPrecision(self.precision, self.accumulate_steps, self.device, self.optimizer)  # may refuse
     self.scaler = self._mixed.scaler
-    try: placed = self._placed = Placement(model, self.optimizer, self.metrics, self.training, self.validation,
-                                           self.device, self.compile)
+    try:
+        placed = self._placed = Placement(model, self.optimizer, self.metrics, self.training, self.validation,
+                                          self.device, self.compile)
+        check_on_oom(self.on_oom, placed.world_size)  # torchrun cannot split
     except BaseException:
         self._tear_down()
         raise
     self.rank, self.world_size, self.model = placed.rank, placed.world_size, placed.model
     self._training_model, self._inference_model = placed.training_model, placed.inference_model
+    self._split = OomSplit(self) if self.on_oom == "split" else None
+    self.micro_batches = 1  # every fit starts with whole batches; on_oom="split" doubles it after running out
+    self._plain_step = self._mixed.plain and self._split is None  # the step's one test
 
 @patch
 def _tear_down(self: TrainingLoop) -> None:
     "Undo what `_set_up` did for this fit only: the optimizer hook and the wrappers (not the process group)."
     if self._mixed is not None: self._mixed.close()
-    self._placed = None
+    self._placed = self._split = None
     self._training_model = self._inference_model = self.model
 
 # %% ../nbs/03_loop.ipynb #a27af3e4

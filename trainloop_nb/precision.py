@@ -79,13 +79,17 @@ class StepPrecision:
         if self.accumulate_steps > 1: loss = loss / self.accumulate_steps
         if self.scaler is not None: loss = self.scaler.scale(loss)
         loss.backward()
-        if last and self._gradient_factor != 1.0:
-            # The epoch ended k < accumulate_steps batches into a group: their sum / accumulate_steps becomes
-            # their sum / k, the mean of the group's batches, as one batch of k * batch_size samples would give.
-            for group in optimizer.param_groups:
-                for p in group["params"]:
-                    if p.grad is not None: p.grad.mul_(self._gradient_factor)
-            self._gradient_factor = 1.0
+        if last and self._gradient_factor != 1.0: self.finish_group(optimizer)
+
+    def finish_group(self, optimizer: torch.optim.Optimizer) -> None:
+        "A group's gradients are all in (`backward` calls it on its last batch): a group the epoch cut short made a mean."
+        if self._gradient_factor == 1.0: return
+        # The epoch ended k < accumulate_steps batches into a group: their sum / accumulate_steps becomes
+        # their sum / k, the mean of the group's batches, as one batch of k * batch_size samples would give.
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                if p.grad is not None: p.grad.mul_(self._gradient_factor)
+        self._gradient_factor = 1.0
 
     def step(self, optimizer: torch.optim.Optimizer) -> bool:
         "The optimizer step (through GradScaler for float16); whether it was made (GradScaler skips overflowed ones)."

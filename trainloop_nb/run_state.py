@@ -187,8 +187,9 @@ def check_state_fits(loop: Any, options: dict[str, Any], state: dict[str, Any], 
 def _check_same_set_up(loop: Any, options: dict[str, Any], state: dict[str, Any], source: str) -> None:
     "Options, optimizer, batch sizes, metrics and length as the run had them: anything else would resume silently wrong."
     saved = state.get("options", {})
+    # on_oom changes no step that fits in memory: a run that ran out may go on with on_oom="split" (loop.resume() keeps it)
     changed = [f"{k}: the run used {saved[k]!r}, this fit asks for {v!r}" for k, v in options.items()
-               if k in saved and saved[k] != v]
+               if k in saved and saved[k] != v and k != "on_oom"]
     if changed:
         raise CheckpointError(f"{source} was written by a run with other fit options ({'; '.join(changed)}); nothing "
                               "was loaded. Pass the run's own options to fit (loop.resume() uses them by itself)")
@@ -360,9 +361,9 @@ class RunState:
                 "scaler": loop.scaler.state_dict() if loop.scaler is not None else None}  # "16-mixed": its scale
 
     def options(self) -> dict[str, Any]:
-        "The fit's options that change what a step computes: a resume must use the same ones."
+        "The fit's options: those that change what a step computes, which a resume must keep, and `on_oom`."
         return {"precision": self.loop.precision, "accumulate_steps": self.loop.accumulate_steps,
-                "compile": self.loop.compile}
+                "compile": self.loop.compile, "on_oom": self.loop.on_oom}
 
     def load(self, state: dict[str, Any]) -> None:
         "Make the next fit continue the run `state` came from."
