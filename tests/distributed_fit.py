@@ -39,7 +39,7 @@ class CountGradientSyncs(Callback):
     order = -1000
     def __init__(self): self.syncs = 0
     def fit_start(self, loop):
-        ddp = loop._ddp  # the loop's own wrapper: the test's only way to see DDP's communication
+        ddp = loop._placed.ddp  # the fit's own DDP wrapper: no public way to see its communication, so read it here
         def hook(state, bucket):
             self.syncs += 1
             return default_hooks.allreduce_hook(dist.group.WORLD, bucket)

@@ -427,11 +427,13 @@ def test_a_default_is_replaced_by_an_instance_of_its_class_only():
     class ProgressPrinterLookalike(Callback): pass  # same idea, unrelated class: does not replace the default
     ProgressPrinterLookalike.__name__ = "ProgressPrinter"
     mine = MyPrinter(mode="plain")
-    loop, _ = make_loop([mine], defaults=True)
-    assert loop._callbacks_for_fit([]) == [mine]
+    loop, model = make_loop([mine], defaults=True)
+    loop.fit(model, epochs=1)
+    assert loop.callbacks == [mine]
     lookalike = ProgressPrinterLookalike()
-    loop, _ = make_loop([lookalike], defaults=True)
-    assert [type(cb) for cb in loop._callbacks_for_fit([])] == [ProgressPrinter, ProgressPrinterLookalike]
+    loop, model = make_loop([lookalike], defaults=True)
+    loop.fit(model, epochs=1)
+    assert [type(cb) for cb in loop.callbacks] == [ProgressPrinter, ProgressPrinterLookalike]
 
 
 def test_phase_is_a_string_valued_enum():

@@ -9,6 +9,7 @@ import signal
 import sys
 import threading
 import time
+import weakref
 from typing import Any, Iterable
 
 import torch
@@ -326,14 +327,19 @@ def start_background(loop: Any, model: torch.nn.Module, epochs: int = 1, device:
                      callbacks: Iterable[Any] = (), **options) -> BackgroundFit:
     "Run `loop.fit(model, epochs, device, callbacks, **options)` in a thread; returns its `BackgroundFit` at once."
     run = BackgroundFit(loop)
+    _LATEST[loop] = run  # before the thread starts: monitor(loop) finds it at once
     if IN_NOTEBOOK:
         from IPython.display import display
         display(run.controls())
     run._start(model, epochs, device, list(callbacks), options)
     return run
 
+_LATEST: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # loop -> its latest BackgroundFit
+
 def monitor(loop: Any):
     "The live bars of the loop's background fit (running or ended), to show in any cell, also after a page reload."
+    run = _LATEST.get(loop)  # while it starts, its bars are not in loop.callbacks yet; after another fit, no longer
+    if run is not None and (not run.done or any(cb is run.bars for cb in loop.callbacks)): return run.bars.widget()
     bars = next((cb for cb in loop.callbacks if isinstance(cb, LiveBars)), None)
     if bars is None:
         raise RuntimeError("monitor() shows a fit started in the background (loop.fit(..., background=True) or "
