@@ -162,3 +162,13 @@ def test_under_torchrun_every_rank_gets_every_prediction_in_data_order_and_the_e
             assert got["validate"]["accuracy"] == pytest.approx(accuracy_score(y, logits.argmax(1)), abs=1e-12), name
             assert got["validate"]["loss"] == pytest.approx(F.cross_entropy(logits.double(), y).item(), rel=1e-6)
             assert got["validate"]["mcc"] == pytest.approx(matthews_corrcoef(y, logits.argmax(1)), abs=1e-9), name
+
+
+def test_validate_shows_a_progress_bar_of_its_own_outside_a_fit(capsys):
+    x, y = classification()
+    net = network()
+    loop = TrainingLoop([(x, y)], ValidationBatches((x, y), 100), torch.optim.SGD(net.parameters(), lr=0.1),
+                        callbacks=[ProgressPrinter(mode="terminal")], include_default_callbacks=False)
+    capsys.readouterr()
+    loop.validate(model=net)
+    assert "100.00% [3/3" in capsys.readouterr().out
