@@ -214,3 +214,14 @@ def test_interpret_with_the_models_own_loss_says_why_there_are_no_per_sample_los
                         include_default_callbacks=False)
     interpretation = loop.interpret(model=model)
     assert interpretation.losses is None and len(interpretation.predictions) == 16
+
+
+def test_the_package_loads_neither_transformers_nor_datasets():
+    "They are an optional extra (`pip install trainloop_nb[hf]`): every module loads, and neither is imported."
+    import subprocess
+    import sys
+    probe = ("import sys, trainloop_nb; trainloop_nb.__all__; import trainloop_nb.batches, trainloop_nb.evaluate; "
+             "print(sorted(m for m in ('transformers', 'datasets') if m in sys.modules))")
+    run = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "[]"
