@@ -67,3 +67,13 @@ def test_the_loop_reads_in_one_sitting():
              or isinstance(n, ast.FunctionDef) and n.args.args and isinstance(n.args.args[0].annotation, ast.Name)
              and n.args.args[0].annotation.id == "TrainingLoop"]
     assert len(spans) > 20 and sum(spans) <= 400
+
+
+def test_no_two_modules_export_different_objects_under_one_name():
+    "`from trainloop_nb import *` copies every module's public names: a name exported twice would hide one of them."
+    import importlib
+    owners = {}
+    for name in trainloop_nb._MODULES:
+        module = importlib.import_module(f"trainloop_nb.{name}")
+        for public in module.__all__: owners.setdefault(public, set()).add(id(getattr(module, public)))
+    assert {name: len(ids) for name, ids in owners.items() if len(ids) > 1} == {}

@@ -17,7 +17,7 @@ from .core import add_note
 from .run_state import torch_rng_state
 
 # %% auto #0
-__all__ = ['ON_OOM', 'check_on_oom', 'samples_in', 'split_batch', 'join_outputs', 'OomSplit']
+__all__ = ['ON_OOM', 'check_on_oom', 'samples_in', 'split_samples', 'join_outputs', 'OomSplit']
 
 # %% ../nbs/02i_oom.ipynb #96b77d32
 ON_OOM = ("raise", "split")
@@ -46,15 +46,15 @@ def samples_in(batch: Any) -> int | None:
 def _rebuilt(like: Any, items: list[Any]) -> Any:
     return type(like)(*items) if hasattr(like, "_fields") else type(like)(items)  # namedtuples too
 
-def split_batch(batch: Any, parts: int, samples: int) -> list[Any]:
+def split_samples(batch: Any, parts: int, samples: int) -> list[Any]:
     "`batch` as `parts` micro-batches along dim 0 (sizes differing by at most one); what is not per sample is shared."
     if isinstance(batch, torch.Tensor) and batch.dim() and batch.shape[0] == samples:
         return list(batch.tensor_split(parts))
     if isinstance(batch, dict):
-        split = {k: split_batch(v, parts, samples) for k, v in batch.items()}
+        split = {k: split_samples(v, parts, samples) for k, v in batch.items()}
         return [type(batch)((k, split[k][i]) for k in batch) for i in range(parts)]
     if isinstance(batch, (tuple, list)):
-        split = [split_batch(item, parts, samples) for item in batch]
+        split = [split_samples(item, parts, samples) for item in batch]
         return [_rebuilt(batch, [s[i] for s in split]) for i in range(parts)]
     return [batch] * parts
 
@@ -100,7 +100,7 @@ def _in_parts(forward_backward: Callable, input: Any, target: Any, parts: int, s
     if parts == 1: return forward_backward(input, target, 1.0)
     shares = [(samples // parts + (i < samples % parts)) / samples for i in range(parts)]  # tensor_split's sizes
     outputs, losses = [], []
-    for part_input, part_target, share in zip(split_batch(input, parts, samples), split_batch(target, parts, samples),
+    for part_input, part_target, share in zip(split_samples(input, parts, samples), split_samples(target, parts, samples),
                                               shares):
         output, loss = forward_backward(part_input, part_target, share)
         outputs.append(_detached(output))
