@@ -18,6 +18,7 @@ from typing import Any, Callable, Iterable
 import torch
 from fastcore.basics import patch
 
+from .batches import ModelInputs, logits_of, mapping_on_device, metric_output, own_loss
 from .core import (DEFAULT_CALLBACKS, CancelBatch, CancelEpoch, CancelException, CancelFit,
                                CancelTraining, CancelValidation, Event, Phase, add_note, data_length,
                                event_handlers, note_callback_error, to_device)
@@ -45,19 +46,7 @@ _TRAINING = Phase.training
 
 def _nothing() -> None: pass
 
-def _detached(output: Any) -> Any:
-    return output.detach() if isinstance(output, torch.Tensor) else output  # models may return tuples or dicts
-
 # %% ../nbs/03_loop.ipynb #6218972b
-def _not_a_pair(batch: Any) -> TypeError:
-    return TypeError(f"each batch must be a pair (input, target), but got {_describe(batch)}; "
-                    "make the dataset return (input, target) or wrap it so that it does")
-
-def _describe(batch: Any) -> str:
-    if isinstance(batch, (tuple, list)): return f"a {type(batch).__name__} of {len(batch)} items"
-    if isinstance(batch, torch.Tensor): return f"a single tensor of shape {tuple(batch.shape)}"
-    return f"a {type(batch).__name__}"
-
 def _no_batches_error(data: Any, training: bool, epoch_index: int) -> ValueError:
     which = "training" if training else "validation"
     if isinstance(data, Iterator):  # a generator, or any iterator: iter() gives itself, so the next epoch gets nothing
@@ -74,7 +63,7 @@ def _no_batches_error(data: Any, training: bool, epoch_index: int) -> ValueError
 def _batch_note(loop: Any, error: Exception) -> str:
     "Where an error in a batch happened; for a class index out of range, also how many classes the output scores."
     where = f"in epoch {loop.epoch_index + 1}, {loop.phase.value} batch {loop.batch_index + 1} (after step {loop.step})"
-    output, target = loop.last_step_output, loop.last_step_target
+    output, target = logits_of(loop.last_step_output), loop.last_step_target
     if ("out of bounds" in str(error) or "out of range" in str(error)) and isinstance(output, torch.Tensor) \
             and output.dim() >= 2 and isinstance(target, torch.Tensor) and not target.is_floating_point():
         classes = output.shape[-1]
@@ -127,11 +116,12 @@ class TrainingLoop:
     "A Learner-like training loop: `fit(model, epochs, device)` with callbacks at every event."
 
     def __init__(self, training: Iterable, validation: Iterable | None = None,
-                 optimizer: torch.optim.Optimizer | None = None, loss_func: Callable = softmax_cross_entropy,
+                 optimizer: torch.optim.Optimizer | None = None, loss_func: Callable | None = softmax_cross_entropy,
                  metrics: Iterable[Any] = (), callbacks: Iterable[Any] = (), include_default_callbacks: bool = True,
                  stop_on_nonfinite: bool = True):
         if optimizer is None:
             raise TypeError("TrainingLoop needs an optimizer, e.g. torch.optim.SGD(model.parameters(), lr=0.1)")
+        if loss_func is None: loss_func = own_loss  # the model's own loss, `output.loss` (see `batches`)
         check_loss_func(loss_func)
         self.training, self.validation, self.optimizer, self.loss_func = training, validation, optimizer, loss_func
         self.metrics: list[Metric] = make_metrics(metrics)
@@ -164,7 +154,7 @@ class TrainingLoop:
         "The metrics of the last batch alone, as tensors on the device (no wait), computed as `last_stats` is."
         if self.last_step_loss is None: return {}
         if self._step_metrics is None: self._step_metrics = [copy.deepcopy(m) for m in self.metrics]
-        output, target, loss = _detached(self.last_step_output), self.last_step_target, self.last_step_loss.detach()
+        output, target, loss = metric_output(self.last_step_output), self.last_step_target, self.last_step_loss.detach()
         for m in self._step_metrics:
             m.reset()
             m.update(output, target, loss)
@@ -376,7 +366,9 @@ def _training_batch(self: TrainingLoop, batch: Any) -> None:
 def _training_step(self: TrainingLoop) -> None:
     if not self._mixed.plain: return self._mixed_or_accumulated_step()  # precision or accumulate_steps given
     self.optimizer.zero_grad(set_to_none=True)
-    self.last_step_output = self._training_model(self.last_step_input)  # under torchrun, the DDP-wrapped model
+    x = self.last_step_input  # a mapping batch's ModelInputs go in as keywords (see `batches`)
+    # under torchrun, the DDP-wrapped model
+    self.last_step_output = self._training_model(**x) if type(x) is ModelInputs else self._training_model(x)
     self.last_step_loss = check_loss(self.loss_func(self.last_step_output, self.last_step_target))
     self.last_step_loss.backward()
     if self._handlers[_UPDATE_START]: self._fire(_UPDATE_START)
@@ -391,7 +383,8 @@ def _mixed_or_accumulated_step(self: TrainingLoop) -> None:
     if first: self.optimizer.zero_grad(set_to_none=True)
     with self._placed.gradient_sync(last):  # under DDP: gradients averaged over ranks on a group's last batch only
         with mixed.autocast:
-            self.last_step_output = self._training_model(self.last_step_input)
+            x = self.last_step_input
+            self.last_step_output = self._training_model(**x) if type(x) is ModelInputs else self._training_model(x)
             self.last_step_loss = check_loss(self.loss_func(self.last_step_output, self.last_step_target))
         mixed.backward(self.last_step_loss, last, self.optimizer)
     if not last: return
@@ -409,14 +402,15 @@ def _validation_batch(self: TrainingLoop, batch: Any) -> None:
 @patch
 def _validation_step(self: TrainingLoop) -> None:
     autocast = self._mixed.autocast  # a no-op context unless a mixed precision was asked for
-    with autocast: self.last_step_output = self._inference_model(self.last_step_input)
+    x, model = self.last_step_input, self._inference_model
+    with autocast: self.last_step_output = model(**x) if type(x) is ModelInputs else model(x)
     if self._handlers[_PREDICTION_END]: self._fire(_PREDICTION_END)
     with autocast: self.last_step_loss = check_loss(self.loss_func(self.last_step_output, self.last_step_target))
 
 @patch
 def _on_device(self: TrainingLoop, batch: Any) -> tuple[Any, Any]:
     "The batch as (input, target) on the loop's device; a tensor already there is taken as it is (no call into torch)."
-    if not isinstance(batch, (tuple, list)) or len(batch) != 2: raise _not_a_pair(batch)
+    if not isinstance(batch, (tuple, list)) or len(batch) != 2: return mapping_on_device(batch, self.device)
     input, target = batch
     device = self.device
     if type(input) is not torch.Tensor or input.device != device: input = to_device(input, device)
@@ -428,7 +422,7 @@ def _count_batch(self: TrainingLoop) -> None:
     "Add the batch to the phase's metrics and, in training, to the non-finite watch: device work only."
     self._run.batches_done = self.batch_index + 1  # where a resume continues from
     if self.last_step_loss is None: return  # cancelled before its loss: not counted
-    output, target, loss = _detached(self.last_step_output), self.last_step_target, self.last_step_loss.detach()
+    output, target, loss = metric_output(self.last_step_output), self.last_step_target, self.last_step_loss.detach()
     try:
         for metric in self.metrics: metric.update(output, target, loss)
     except Exception as error:
@@ -471,6 +465,21 @@ def lr_find(self: TrainingLoop, model: torch.nn.Module, start_lr: float = 1e-7, 
     "The learning-rate range test on this loop's data, optimizer and loss; leaves all as found (see `lr_finder`)."
     from trainloop_nb.callbacks.lr_finder import lr_find
     return lr_find(self, model, start_lr, end_lr, num_steps, device, **kwargs)
+
+# %% ../nbs/03_loop.ipynb #672ee9c5
+@patch
+def validate(self: TrainingLoop, data: Iterable | None = None,
+             model: torch.nn.Module | None = None) -> dict[str, float]:
+    "The loop's metrics over `data` (default: the validation data), exact; validation events fire (see `evaluate`)."
+    from trainloop_nb.evaluate import validate_loop
+    return validate_loop(self, data, model)
+
+@patch
+def predict(self: TrainingLoop, data: Iterable | None = None, model: torch.nn.Module | None = None,
+            act: Callable | None = None, with_targets: bool = False) -> Any:
+    "Every sample's prediction over `data`, in order, on the CPU (`act` applied), or with targets (see `evaluate`)."
+    from trainloop_nb.evaluate import predict_loop
+    return predict_loop(self, data, model, act, with_targets)
 
 # %% ../nbs/03_loop.ipynb #c2d03aad
 @patch

@@ -10,6 +10,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from .batches import logits_of
+
 # %% auto #0
 __all__ = ['softmax_cross_entropy', 'sigmoid_cross_entropy', 'mean_squared_error', 'check_loss_func', 'check_loss']
 
@@ -17,26 +19,33 @@ __all__ = ['softmax_cross_entropy', 'sigmoid_cross_entropy', 'mean_squared_error
 def softmax_cross_entropy(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     "Mean cross-entropy of class logits `[N, C]` (or `[N, T, C]`) against class indices `[N]` (or `[N, T]`)."
     try: dims = output.dim()
-    except AttributeError: raise _not_a_tensor(output, "softmax_cross_entropy") from None
+    except AttributeError:  # an output with logits (a ModelOutput) is scored by them
+        output = _tensor_of(output, "softmax_cross_entropy")
+        dims = output.dim()
     if dims > 2: output, target = output.reshape(-1, output.shape[-1]), target.reshape(-1)
     return F.cross_entropy(output, target)
 
 def sigmoid_cross_entropy(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     "Mean binary cross-entropy of logits against 0/1 targets of the output's shape (a trailing 1 may differ)."
+    if not isinstance(output, torch.Tensor): output = _tensor_of(output, "sigmoid_cross_entropy")
     return F.binary_cross_entropy_with_logits(output, _matching_target(output, target, "sigmoid_cross_entropy"))
 
 def mean_squared_error(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     "Mean squared difference between output and a target of the output's shape (a trailing 1 may differ)."
+    if not isinstance(output, torch.Tensor): output = _tensor_of(output, "mean_squared_error")
     return F.mse_loss(output, _matching_target(output, target, "mean_squared_error"))
 
-def _not_a_tensor(output: Any, name: str) -> TypeError:
-    return TypeError(f"{name} takes the model's output as a tensor, but the model returned a {type(output).__name__}; "
-                    "make the model return one tensor (e.g. the logits), or give TrainingLoop a loss_func (and "
-                    f"metrics) that take a {type(output).__name__}")
+def _tensor_of(output: Any, name: str) -> torch.Tensor:
+    "The logits of an output that has them (a Hugging Face `ModelOutput`), else a clear error."
+    logits = logits_of(output)
+    if not isinstance(logits, torch.Tensor):
+        raise TypeError(f"{name} takes the model's output as a tensor (or an output with logits), but the model "
+                        f"returned a {type(output).__name__}; make the model return one tensor (e.g. the logits), or "
+                        f"give TrainingLoop a loss_func (and metrics) that take a {type(output).__name__}")
+    return logits
 
 def _matching_target(output: torch.Tensor, target: torch.Tensor, name: str) -> torch.Tensor:
     "The target as the output's shape and dtype; only a trailing dimension of 1 may differ (`[N]` against `[N, 1]`)."
-    if not isinstance(output, torch.Tensor): raise _not_a_tensor(output, name)
     shape, wanted = tuple(target.shape), tuple(output.shape)
     # Broadcasting would silently pair every output with every target ([N, 1] against [N] gives [N, N]),
     # and a reshape would silently pair the wrong ones ([N, 2] against a transposed [2, N]): refuse both.

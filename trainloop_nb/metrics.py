@@ -12,8 +12,8 @@ import torch
 
 # %% auto #0
 __all__ = ['IGNORE_INDEX', 'METRICS', 'Metric', 'is_binary', 'predictions', 'class_targets', 'RunningMean', 'Loss', 'Accuracy',
-           'TopKAccuracy', 'MatthewsCorrelation', 'matthews_from_confusion', 'Perplexity', 'TorchMetric',
-           'make_metrics']
+           'TopKAccuracy', 'MatthewsCorrelation', 'matthews_from_confusion', 'Perplexity', 'next_token_pairs',
+           'NextTokenAccuracy', 'NextTokenPerplexity', 'TorchMetric', 'make_metrics']
 
 # %% ../nbs/02_metrics.ipynb #9c48d8fb
 class Metric:
@@ -248,6 +248,22 @@ class Perplexity(RunningMean):
 
     def value(self) -> torch.Tensor: return super().value().exp()
 
+# %% ../nbs/02_metrics.ipynb #ec9ddb5a
+def next_token_pairs(output: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    "A causal LM's logits `[..., T, C]` at `t` with its labels `[..., T]` at `t + 1`, as its own loss pairs them."
+    return output[..., :-1, :], target[..., 1:]
+
+class NextTokenAccuracy(Accuracy):
+    "Accuracy of a causal language model's next-token predictions against its unshifted labels (-100 left out)."
+    def __init__(self, name: str = "next_token_accuracy"): super().__init__(name)
+    def _compare(self, output, target) -> tuple[torch.Tensor, torch.Tensor]:
+        return super()._compare(*next_token_pairs(output, target))
+
+class NextTokenPerplexity(Perplexity):
+    "Perplexity of a causal language model's own (shifted) loss: each batch weighs the tokens `t + 1` it counted."
+    def __init__(self, name: str = "next_token_perplexity"): super().__init__(name)
+    def update(self, output, target, loss) -> None: super().update(output, target[..., 1:], loss)
+
 # %% ../nbs/02_metrics.ipynb #8663732a
 class TorchMetric(Metric):
     "Adapter for a `torchmetrics.Metric` (its `update(preds, target)` and `compute()`)."
@@ -271,6 +287,8 @@ METRICS = {
     "matthews_correlation_coefficient": MatthewsCorrelation,
     "mcc": lambda: MatthewsCorrelation(name="mcc"),
     "perplexity": Perplexity,
+    "next_token_accuracy": NextTokenAccuracy,
+    "next_token_perplexity": NextTokenPerplexity,
 }
 
 def make_metrics(metrics: Iterable[Any] = ()) -> list[Metric]:
