@@ -12,6 +12,7 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 import torch
 
+from .batches import call_model, logits_of, own_loss, split_batch
 from .core import to_device
 
 # %% auto #0
@@ -329,20 +330,19 @@ def _model_device(model: torch.nn.Module) -> torch.device:
     for tensor in [*model.parameters(), *model.buffers()]: return tensor.device
     return torch.device("cpu")
 
-def _pair(batch: Any) -> tuple[Any, Any]:
-    if isinstance(batch, (tuple, list)) and len(batch) == 2: return batch[0], batch[1]
-    raise TypeError(f"each batch must be a pair (input, target), got a {type(batch).__name__}"
-                    + (f" of {len(batch)} items" if isinstance(batch, (tuple, list)) else ""))
-
 def _one_logit(output: torch.Tensor) -> bool:
     "Binary classification by one logit per sample: `[N]` or `[N, 1]` (also `[N, T, 1]`)."
     return output.dim() == 1 or output.shape[-1] == 1
 
 def interpret_model(model: torch.nn.Module, data: Iterable, loss_func: Callable, classes: Sequence[str] | None = None,
                     keep_inputs: bool = True) -> Interpretation:
-    "Run `model` once over `data` (batches of (input, target)) and keep every sample's loss, prediction and target."
+    """Run `model` once over `data` (batches of (input, target), or mappings with `labels`) and keep every sample's loss,
+    prediction and target; an output's `logits` are its predictions (and what the loss is split over, per sample)."""
     if not isinstance(model, torch.nn.Module): raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     device, per_sample = _model_device(model), _PerSampleLoss(loss_func)
+    if loss_func is own_loss:  # one number per batch, made inside the model: nothing to split per sample
+        per_sample.method, per_sample.problem = "none", ("the model's own loss (loss_func=None) is one number per "
+                                                         "batch; for per-sample losses interpret with a loss_func")
     kept: dict[str, list] = {"losses": [], "decided": [], "probabilities": [], "targets": [], "inputs": []}
     kind = None
     modes = [(m, m.training) for m in model.modules()]
@@ -350,10 +350,10 @@ def interpret_model(model: torch.nn.Module, data: Iterable, loss_func: Callable,
         model.eval()
         with torch.no_grad():
             for batch in data:
-                x, y = _pair(batch)
+                x, y = split_batch(batch)
                 if keep_inputs: kept["inputs"].append(x)
                 x, y = to_device((x, y), device)
-                output = model(x)
+                output = logits_of(call_model(model, x))
                 losses = per_sample(output, y)
                 if losses is not None: kept["losses"].append(losses)
                 if kind is None:

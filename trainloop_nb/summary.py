@@ -12,6 +12,7 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
+from .batches import call_model, split_batch
 from .core import to_device
 
 # %% auto #0
@@ -159,7 +160,7 @@ def _run_hooked(model: nn.Module, example_input: Any, hook) -> Any:
     try:
         with torch.random.fork_rng(devices=cuda), torch.no_grad():
             model.eval()
-            try: return _shape_of(model(example_input))
+            try: return _shape_of(call_model(model, example_input))  # a mapping batch's inputs: as keywords
             except Exception as error:
                 if hasattr(error, "add_note"):
                     error.add_note(f"model_summary: {type(model).__name__} failed on the example input "
@@ -215,7 +216,6 @@ def first_input(data: Iterable) -> Any:
         batch = next(iter(data), None)
     if epoch is not None and hasattr(data, "set_epoch"): data.set_epoch(epoch)
     if batch is None: raise ValueError("the training data produced no batch, so there is no example input to run the model on")
-    if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
-        raise TypeError(f"each batch must be a pair (input, target), got a {type(batch).__name__}; "
-                        "call model_summary(model, example_input) with an input instead")
-    return batch[0]
+    try: return split_batch(batch)[0]  # a pair's input, or a mapping batch's keyword arguments
+    except TypeError as error:
+        raise TypeError(f"{error}; or call model_summary(model, example_input) with an input instead") from None

@@ -76,6 +76,7 @@ class CSVLogger(Callback):
 
     def batch_end(self, loop) -> None:
         if loop.last_step_loss is None: return  # cancelled before the loss: nothing was counted
+        if self.file is None: return  # outside a fit (loop.validate): the log is the fit's, and no file is open
         stats = loop.last_stats  # waits for the device: inherent to a row per batch
         self._write([loop.epoch_index + 1, loop.batch_index + 1, loop.phase] + [stats[name] for name in self._names])
 

@@ -49,6 +49,7 @@ class ProgressPrinter(Callback):
         self.mode, self.refresh, self.file = mode, refresh, file
         self.rows: list[list[str]] = []
         self.master = self.bar = None
+        self.fitting = False  # between fit_start and fit_end; outside, a validation is loop.validate()'s
 
     def _choose_mode(self) -> str:
         if self.mode: return self.mode
@@ -58,7 +59,7 @@ class ProgressPrinter(Callback):
 
     def fit_start(self, loop) -> None:
         if not main_process_only(self, loop): return  # one display for a distributed run: rank 0's
-        self._mode, self.rows = self._choose_mode(), []
+        self._mode, self.rows, self.fitting = self._choose_mode(), [], True
         self.columns = table_columns(loop)
         self.master = self.bar = None
         if self._mode == "plain":
@@ -87,7 +88,12 @@ class ProgressPrinter(Callback):
         if self.master is not None and loop.epoch_index: self.master.update(loop.epoch_index)
 
     def training_start(self, loop) -> None: self._start_bar(loop)
-    def validation_start(self, loop) -> None: self._start_bar(loop)
+    def validation_start(self, loop) -> None:
+        if self.fitting: return self._start_bar(loop)
+        if loop.rank != 0 or self._choose_mode() == "plain": return  # loop.validate(): a bar of its own, rank 0's
+        bar = fp.NBProgressBar if self._choose_mode() == "notebook" else fp.ConsoleProgressBar
+        self.bar = bar(range(loop.batch_count or 0), total=loop.batch_count or "noinfer")
+        self.bar.update(0)
 
     def _start_bar(self, loop) -> None:
         if self.master is None: return
@@ -122,6 +128,7 @@ class ProgressPrinter(Callback):
         else: self._print(self._aligned(row))
 
     def fit_end(self, loop) -> None:
+        self.fitting = False
         if self.bar is not None:
             if loop.exception is not None: self.bar.on_interrupt()
             else: self._finish_bar()
