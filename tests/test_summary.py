@@ -19,7 +19,7 @@ def count(params) -> int: return sum(p.numel() for p in params)
 
 
 class TransformerLM(nn.Module):
-    "The causal transformer of nbs/examples/wikitext2_transformer.ipynb (output layer tied to the embedding)."
+    "A causal transformer with its output layer tied to the embedding (the seed's WikiText-2 example model)."
     def __init__(self, vocab_size: int, context: int, width: int = 128, heads: int = 4, layers: int = 2, dropout: float = 0.1):
         super().__init__()
         self.token, self.position = nn.Embedding(vocab_size, width), nn.Embedding(context, width)
