@@ -524,7 +524,7 @@ def lr_find(self: TrainingLoop, model: torch.nn.Module, start_lr: float = 1e-7, 
 
 # %% ../nbs/03_loop.ipynb #c2d03aad
 @patch
-def fit_one_cycle(self: TrainingLoop, model: torch.nn.Module, epochs: int, lr_max: float | slice,
+def fit_one_cycle(self: TrainingLoop, model: torch.nn.Module, epochs: int | None, lr_max: float | slice,
                   **kwargs) -> list[dict]:
     "`fit` with the one-cycle policy peaking at `lr_max` (a `slice`: a rate per layer group) (see `finetune`)."
     from trainloop_nb.finetune import fit_one_cycle
