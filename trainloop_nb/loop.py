@@ -260,7 +260,8 @@ def fit(self: TrainingLoop, model: torch.nn.Module, epochs: int | None = None, d
     self.callbacks = plan.callbacks_for_fit(self._callbacks_for_fit(list(callbacks)), self.rank)
     self._build_handlers()
     self.history, self._step_metrics = [], None
-    self.epoch_count, self.epoch_index, self.step, self.exception = plan.epoch_count(self.training, self.accumulate_steps), 0, 0, None
+    self.epoch_count = plan.epoch_count(self.training, self.accumulate_steps)
+    self.epoch_index, self.step, self.exception = 0, 0, None
     self.stop_training = False
     # Before the first phase starts, batch_count describes the training data (stale values would mislead).
     self.phase, self.batch_index, self.batch_count = None, 0, plan.batches(self.training, True)
@@ -463,8 +464,9 @@ def _add_record(self: TrainingLoop, epoch_ends: bool) -> None:
     self.history.append(self._run.close_record(self.step, epoch_ends))
     if not self._handlers[Event.record_added]: return
     try: self._fire(Event.record_added)
-    except CancelEpoch:
-        if not epoch_ends: raise  # at the epoch's end there is nothing of it left to skip
+    except (CancelBatch, CancelValidation): pass  # nothing of theirs is under way
+    except (CancelTraining, CancelEpoch):
+        if not epoch_ends: raise  # inside an epoch they end its training, or the epoch; at its end nothing is left
 
 @patch
 def _at_check_step(self: TrainingLoop) -> None:

@@ -31,7 +31,7 @@ class StepPlan:
                  limit_train_batches: int | None = None, limit_valid_batches: int | None = None,
                  fast_dev_run: bool = False):
         if epochs is not None and (isinstance(epochs, bool) or not isinstance(epochs, numbers.Integral) or epochs < 1):
-            raise ValueError(f"epochs must be a whole number of at least 1 (or None with max_steps=...), got {epochs!r}")
+            raise ValueError(f"epochs must be a whole number of at least 1 (or None with max_steps=), got {epochs!r}")
         if not isinstance(fast_dev_run, bool):
             raise TypeError(f"fast_dev_run must be True or False, got {fast_dev_run!r}")
         self.max_steps, self.validate_every = _count("max_steps", max_steps), _count("validate_every", validate_every)
@@ -62,18 +62,18 @@ class StepPlan:
         return batches if limit is None else itertools.islice(batches, max(limit - done, 0))
 
     def epoch_count(self, training: Any, accumulate_steps: int) -> int:
-        "The run's epochs: `epochs`, or as many as `max_steps` takes where that is fewer (1 to start with, without len())."
+        "The run's epochs: `epochs`, or as many as `max_steps` takes if fewer (1 to start with, without len())."
         batches = self.batches(training, True)
         if self.max_steps is None or batches is None: return self.epochs or 1
         needed = math.ceil(self.max_steps / math.ceil(batches / accumulate_steps))
         return needed if self.epochs is None else min(self.epochs, needed)
 
     def epoch_indices(self, loop: Any, first: int, inside: bool) -> Iterator[int]:
-        "The epochs from `first` (`inside` it, a resumed run) while epochs and steps remain; `epoch_count` grows with them."
+        "The epochs from `first` (`inside` it: a resumed run) while epochs and steps remain; `epoch_count` follows."
         for index in itertools.count(first):
             if self.epochs is not None and index >= self.epochs: return
             if not (inside and index == first) and self.ended(loop.step): return
-            loop.epoch_count = max(loop.epoch_count, index + 1)  # a guess without len(), or with steps GradScaler skipped
+            loop.epoch_count = max(loop.epoch_count, index + 1)  # a guess without len(), or if GradScaler skipped steps
             yield index
 
     def ended(self, step: int) -> bool: return self.max_steps is not None and step >= self.max_steps
@@ -94,19 +94,19 @@ class StepPlan:
         return [cb for cb in callbacks if not getattr(cb, "writes_files", False)]
 
     def validates(self, step: int, batch_index: int, batch_count: int | None) -> bool:
-        "Whether this step validates inside the epoch: a multiple of `validate_every`, not the epoch's known last batch."
+        "Whether this step validates inside the epoch: a multiple of `validate_every`, not the known last batch."
         every = self.validate_every
         return every is not None and step % every == 0 and batch_index + 1 != batch_count
 
 # %% ../nbs/02g_steps.ipynb #56f09b69
 def batches_per_epoch(loop: Any) -> int | None:
-    "Training batches in one epoch of the loop's fit: len(training), capped by `limit_train_batches`; None without len()."
+    "Training batches in an epoch of the loop's fit: len(training), capped by `limit_train_batches`; None: unknown."
     length, limit = data_length(loop.training), getattr(loop, "limit_train_batches", None)
     if limit is None or length is None: return length if limit is None else None
     return min(length, limit)
 
 def run_length(loop: Any, steps_per_epoch: int | None) -> int | None:
-    "The fit's length in steps: `steps_per_epoch` x `epoch_count`, or `max_steps` where that ends it sooner; None: unknown."
+    "The fit's length in steps: steps_per_epoch x epoch_count, or `max_steps` if that ends it sooner (None: unknown)."
     max_steps = getattr(loop, "max_steps", None)
     by_epochs = None if steps_per_epoch is None else loop.epoch_count * steps_per_epoch
     if max_steps is None: return by_epochs
