@@ -269,7 +269,7 @@ def fit(self: TrainingLoop, model: torch.nn.Module, epochs: int | None = None, d
     except BaseException:
         self._tear_down()
         raise
-    self._next_check = plan.next_check(self.step)  # the step at which the run next ends or validates
+    self._next_check = plan.next_check(self.step - 1)  # the step at which it ends or validates (resumed: this one?)
     with self._signals:  # Ctrl-C and SIGTERM held during each step; after SIGTERM, the process ends as it leaves
         try: self._with_events(Event.fit_start, self._epochs, None, CancelFit)
         except BaseException as error:
@@ -368,7 +368,7 @@ def _batches(self: TrainingLoop, data: Iterable, training: bool) -> None:
     if training and self.accumulate_steps > 1 and self.batch_count is None: batches = self._mixed.marking_last(batches)
     with torch.set_grad_enabled(training), self._placed.ranks_in_step(data, training, self.epoch_index + 1):
         try:
-            if training and self._run.validation_pending: self._validate_inside_epoch()  # resumed inside it
+            if training and done: self._check_resumed_step(done)  # a stop before this step's validation, or in it
             for self.batch_index, batch in enumerate(batches, start=done):
                 one_batch(batch)
         except CancelException: raise
@@ -473,14 +473,23 @@ def _at_check_step(self: TrainingLoop) -> None:
     "A step at which the run ends (`max_steps`: this epoch's training ends here) or validates (`validate_every`)."
     self._next_check = self._steps.next_check(self.step)
     if self._steps.ended(self.step): raise CancelTraining()  # training_end, the epoch's validation and record follow
-    if self._steps.validates(self.step, self.batch_index, self.batch_count): self._validate_inside_epoch()
+    if self._run.validation_pending or self._steps.validates(self.step, self.batch_index, self.batch_count) \
+            and not self._run.recorded_at(self.step):  # a resumed run may have validated at this step already
+        self._validate_inside_epoch()
+
+@patch
+def _check_resumed_step(self: TrainingLoop, done: int) -> None:
+    "A run resumed inside its training phase: the check of its last step, if the stop came before (or inside) it."
+    self.batch_index = done - 1
+    if self._run.validation_pending or self.step >= self._next_check: self._at_check_step()
 
 @patch
 def _validate_inside_epoch(self: TrainingLoop) -> None:
     "The validation phase between two training batches and its record; then the training phase goes on."
-    self._run.pause_training()  # the training phase's place, kept aside (and in any state taken meanwhile)
-    self._record_metrics(Phase.training)  # the training batches since the previous record
-    if self.validation is not None: self._phase(Phase.validation, self.validation)
+    validated = self._run.pause_training()  # the training phase's place, kept aside (and in a state taken meanwhile)
+    if not validated:  # (a run resumed between this validation's end and its record has both in the record)
+        self._record_metrics(Phase.training)  # the training batches since the previous record
+        if self.validation is not None: self._phase(Phase.validation, self.validation)
     self.phase, self.batch_count = Phase.training, self._steps.batches(self.training, True)
     self.batch_index = self._run.resume_training()
     self.model.train(True)

@@ -240,6 +240,7 @@ class RunState:
         self.paused: dict | None = None
         self._paused_bookkeeping: tuple | None = None
         self.validation_pending = False  # resuming inside such a validation: it runs before the next training batch
+        self.validation_done = False  # resuming after it, before its record: only the record is left to add
 
     # -- what the loop calls, in the order of a fit ---------------------------------------------------------------
     def start(self, resume_from: str | os.PathLike | dict | None, fit_callbacks: list[Any],
@@ -288,7 +289,8 @@ class RunState:
             record.update(position["record"])
             started -= position["elapsed"]
             self.phases_done = list(position["phases_done"])
-        if position is not None and position.get("phase") is None: self._resume = None  # nothing left to put back
+        if position is not None and position.get("phase") is None and "paused" not in position:
+            self._resume = None  # nothing left to put back
         self.epoch_record, self.record_started = record, started
         return record
 
@@ -306,12 +308,13 @@ class RunState:
         last = self.loop.history[-1] if self.loop.history else {}
         return last.get("step") == step and last.get("epoch") == self.loop.epoch_index + 1
 
-    def pause_training(self) -> dict:
-        "Before a validation inside the epoch: the training phase's position, kept aside; returns the open record."
-        self.validation_pending = False
+    def pause_training(self) -> bool:
+        "Before a validation inside the epoch: the training phase's position, kept aside; True if it already ran."
+        done, self.validation_pending, self.validation_done = self.validation_done, False, False
         self.paused = self._phase_position(True, inside_batch=False, batch_rng=None)  # the stop's generators then
+        self.paused["validated"] = done
         self._paused_bookkeeping = (self.phase_start, self.batches_done, self.batch, self.batch_rng)
-        return self.epoch_record
+        return done
 
     def resume_training(self) -> int:
         "After it: the training phase's bookkeeping back; returns the index of the last training batch done."
@@ -362,7 +365,8 @@ class RunState:
         self.batch, self.batch_rng = batch, torch_rng_state(self.loop.device, clone=True)
 
     def close_phase(self, phase: Phase) -> None:
-        if self.paused is None: self.phases_done.append(phase.value)  # a validation inside the epoch ends no phase of it
+        if self.paused is None: self.phases_done.append(phase.value)
+        else: self.paused["validated"] = True  # a validation inside the epoch: its record is all that is left
         self.open_phase_name = None
 
     def end(self) -> None:
@@ -421,7 +425,7 @@ class RunState:
         if self.epoch_record is None: return {"epoch": self.epochs_done, "record": None}
         position = {"epoch": loop.epoch_index, "record": dict(self.epoch_record), "phases_done": list(self.phases_done),
                     "elapsed": time.perf_counter() - self.record_started, "phase": None}
-        if self.paused is not None: position["paused"] = self.paused  # a validation inside the epoch: training's place
+        if self.paused is not None: position["paused"] = dict(self.paused)  # a validation inside the epoch: training's
         if self.open_phase_name is None or self.phase_start is None: return position  # its data not opened: redo it
         training = self.open_phase_name == Phase.training.value
         if self.signals.broke_step:
@@ -461,8 +465,10 @@ class RunState:
         "Once a phase is put back: nothing left to resume, or the validation inside the epoch the training paused for."
         position = resume["position"]
         if "paused" not in position or self.open_phase_name != Phase.training.value: return None
-        self.validation_pending = True  # the loop runs it before the next training batch
-        return {**resume, "position": {k: v for k, v in position.items() if k != "paused"}}
+        self.validation_pending = True  # the loop runs it (or, if it had run, adds its record) before the next batch
+        self.validation_done = bool(position["paused"].get("validated"))
+        inside = {k: v for k, v in position.items() if k != "paused"}
+        return {**resume, "position": inside} if inside.get("phase") is not None else None  # None: not yet opened
 
     def _read_resume_file(self, path: str | os.PathLike) -> tuple[dict, str]:
         "The checkpoint at `path`; under torchrun read by rank 0 and handed to every rank (nodes may share no disk)."

@@ -119,11 +119,14 @@ class Checkpoint(Callback):
     def _training_loss(self, loop, record: dict | None = None) -> float | None:
         "The epoch's mean training loss so far (a wait for the device), or None before any training batch counted."
         if record is not None: return record.get("train_loss")  # a record just added: its own
+        last = loop.history[-1] if loop.history else {}
         if loop.phase == "training":  # (an empty phase's mean is nan: no batch of this epoch has been counted yet)
             if getattr(loop, "world_size", 1) > 1: return None  # each rank's own: ranks could disagree on a collective
+            if last.get("step") == loop.step and last.get("epoch") == loop.epoch_index + 1:
+                return last.get("train_loss")  # validate_every: the sums start again after this record, none counted yet
             return loop.last_stats.get("loss") if self._counted_epoch == loop.epoch_index else None
-        record = loop.history[-1] if loop.history else {}  # after training: this epoch's record, at its epoch_end
-        return record.get("train_loss") if record.get("epoch") == loop.epoch_index + 1 else None
+        # after training: this epoch's record, at its epoch_end
+        return last.get("train_loss") if last.get("epoch") == loop.epoch_index + 1 else None
 
     def _state_is_good(self, loop, record: dict | None = None) -> bool:
         "False, with a warning once a fit, where the state is not finite: such a state never replaces good checkpoints."
