@@ -13,7 +13,8 @@ _MODULES = ("core", "data", "data_files", "metrics", "losses", "signals", "preci
             "distributed", "run_state", "loop", "models", "callbacks.progress",
             "callbacks.charts", "callbacks.logging", "callbacks.schedule", "callbacks.inspector", "callbacks.lr_finder",
             "callbacks.clipping", "callbacks.early_stopping", "callbacks.checkpoint", "callbacks.tracking", "summary",
-            "interpret", "designer", "compare", "finetune", "explain", "background", "demo")
+            "callbacks.ema", "callbacks.plateau", "interpret", "designer", "compare", "finetune", "explain", "background",
+            "demo")
 
 def _load_all() -> list[str]:
     "Import every module and copy its public names here; returns them all, in module order."

@@ -234,150 +234,6 @@ def _fit_end(self: TrainingLoop) -> None:
     if self.exception is None: raise first
     add_note(self.exception, f"fit_end also failed: {type(first).__name__}: {first}")
 
-# %% ../nbs/03_loop.ipynb #80d581a3
-@patch
-def fit(self: TrainingLoop, model: torch.nn.Module, epochs: int | None = None, device: str | torch.device | None = None,
-        callbacks: Iterable[Any] = (), *, precision: str = "32", accumulate_steps: int = 1,
-        compile: bool = False, resume_from: str | os.PathLike | dict | None = None, background: bool = False,
-        max_steps: int | None = None, validate_every: int | None = None, limit_train_batches: int | None = None,
-        limit_valid_batches: int | None = None, fast_dev_run: bool = False) -> Any:
-    """Train `model` for `epochs` (1 if neither it nor `max_steps` is given) on `device` (default: the best available);
-    returns `history`. `max_steps`, `validate_every`, the batch limits and `fast_dev_run` count the run in steps (see
-    `steps`); `resume_from` continues a run; `background=True` trains in a thread and returns a `BackgroundFit`."""
-    steps = dict(max_steps=max_steps, validate_every=validate_every, limit_train_batches=limit_train_batches,
-                 limit_valid_batches=limit_valid_batches, fast_dev_run=fast_dev_run)
-    if background:
-        from trainloop_nb.background import start_background
-        return start_background(self, model, epochs, device, callbacks, precision=precision,
-                                accumulate_steps=accumulate_steps, compile=compile, resume_from=resume_from, **steps)
-    plan = self._steps = StepPlan(epochs, **steps)
-    _check_fit_arguments(self, model)
-    self.precision, self.accumulate_steps = check_precision(precision), check_accumulate_steps(accumulate_steps)
-    self.compile = bool(compile)
-    self.max_steps, self.validate_every, self.fast_dev_run = plan.max_steps, plan.validate_every, plan.fast_dev_run
-    self.limit_train_batches, self.limit_valid_batches = plan.limit_train_batches, plan.limit_valid_batches
-    self._set_up(model, device)
-    self.callbacks = plan.callbacks_for_fit(self._callbacks_for_fit(list(callbacks)), self.rank)
-    self._build_handlers()
-    self.history, self._step_metrics = [], None
-    self.epoch_count = plan.epoch_count(self.training, self.accumulate_steps)
-    self.epoch_index, self.step, self.exception = 0, 0, None
-    self.stop_training = False
-    # Before the first phase starts, batch_count describes the training data (stale values would mislead).
-    self.phase, self.batch_index, self.batch_count = None, 0, plan.batches(self.training, True)
-    try: self._run.start(resume_from, list(callbacks), plan.epochs)  # a resumed run is put back here, before fit_start
-    except BaseException:
-        self._tear_down()
-        raise
-    self._next_check = plan.next_check(self.step - 1)  # the step at which it ends or validates (resumed: this one?)
-    with self._signals:  # Ctrl-C and SIGTERM held during each step; after SIGTERM, the process ends as it leaves
-        try: self._with_events(Event.fit_start, self._epochs, None, CancelFit)
-        except BaseException as error:
-            self.exception = error  # fit_end sees it; then it travels on unchanged
-            note_fit_ended(well=False)  # under torchrun, other ranks may wait in a collective: no barrier at exit
-            raise
-        else: note_fit_ended(well=True)
-        finally:
-            try: self._fit_end()
-            finally:
-                try: self._tear_down()  # wrappers and hooks of this fit (the process group stays)
-                finally: self._run.end()  # keeps where a stopped run stopped, for loop.resume()
-            self.phase = None
-    return self.history
-
-@patch
-def _callbacks_for_fit(self: TrainingLoop, extra: list[Any]) -> list[Any]:
-    # As in Keras, a user's own instance of a default callback's class replaces the default one.
-    chosen = self.user_callbacks + extra
-    defaults = [d for d in self.default_callbacks if not any(isinstance(cb, type(d)) for cb in chosen)]
-    return defaults + chosen
-
-@patch
-def _set_up(self: TrainingLoop, model: torch.nn.Module, device: str | torch.device | None) -> None:
-    "The fit's device, precision tools and placement (process group, model on the device, compile and DDP wrappers)."
-    self.device = fit_device(device)
-    self._mixed = StepPrecision(self.precision, self.accumulate_steps, self.device, self.optimizer)  # may refuse
-    self.scaler = self._mixed.scaler
-    try: placed = self._placed = Placement(model, self.optimizer, self.metrics, self.training, self.validation,
-                                           self.device, self.compile)
-    except BaseException:
-        self._tear_down()
-        raise
-    self.rank, self.world_size, self.model = placed.rank, placed.world_size, placed.model
-    self._training_model, self._inference_model = placed.training_model, placed.inference_model
-
-@patch
-def _tear_down(self: TrainingLoop) -> None:
-    "Undo what `_set_up` did for this fit only: the optimizer hook and the wrappers (not the process group)."
-    if self._mixed is not None: self._mixed.close()
-    self._placed = None
-    self._training_model = self._inference_model = self.model
-
-# %% ../nbs/03_loop.ipynb #92130646
-@patch
-def _epochs(self: TrainingLoop) -> None:
-    if self.stop_training: return  # set at fit_start: a resumed run that had already stopped
-    first = self._run.first_epoch()  # as many epochs as asked for, or as max_steps takes (see `steps`)
-    for self.epoch_index in self._steps.epoch_indices(self, first, self._run.inside_epoch()):
-        self._run.open_epoch()  # {"epoch": n}, or what the resumed epoch already had
-        def finish():  # the epoch's record, unless a validation inside it came at its last step
-            if not self._run.recorded_at(self.step): self._add_record(epoch_ends=True)
-        self._with_events(Event.epoch_start, self._phases, Event.epoch_end, CancelEpoch, finish=finish)
-        if self.stop_training: break  # a callback asked for it: every epoch_end handler has run
-
-@patch
-def _phases(self: TrainingLoop) -> None:
-    if Phase.training not in self._run.phases_done: self._phase(Phase.training, self.training)
-    if self.validation is not None and Phase.validation not in self._run.phases_done \
-            and not self._run.recorded_at(self.step):  # validated at this step already (validate_every)
-        self._phase(Phase.validation, self.validation)
-
-@patch
-def _phase(self: TrainingLoop, phase: Phase, data: Iterable) -> None:
-    self.phase, self.batch_count, self.batch_index = phase, self._steps.batches(data, phase is _TRAINING), 0
-    training = phase is Phase.training
-    self.model.train(training)
-    for metric in self.metrics: metric.reset()
-    self._run.open_phase(phase)  # a resumed phase gets its metric sums back here
-    start, end, cancel, _ = _PHASE_EVENTS[phase]
-    def read_metrics():
-        self._record_metrics(phase)
-        self._run.close_phase(phase)
-    self._with_events(start, partial(self._batches, data, training), end, cancel, finish=read_metrics)
-
-@patch
-def _record_metrics(self: TrainingLoop, phase: Phase) -> None:
-    "The phase's metrics into the open record: one wait per phase; a non-finite training loss stops the fit."
-    if self._placed.sum_over_ranks[phase.value]: sum_over_ranks(self.metrics, self.device)  # every rank, once
-    record = self._run.epoch_record
-    record.update({f"{_PHASE_EVENTS[phase][3]}_{m.name}": m.compute() for m in self.metrics})
-    if phase is _TRAINING and self.stop_on_nonfinite: self._stop_if_nonfinite(record)
-
-@patch
-def _stop_if_nonfinite(self: TrainingLoop, record: dict) -> None:
-    "A finite mean loss is a sum of finite losses: only a non-finite one makes the loop read where it began."
-    if math.isfinite(record.get("train_loss", math.nan)): return
-    found = self._nonfinite.first_nonfinite()  # one read from the device
-    if found is not None: raise nonfinite_error(self.epoch_index + 1, found[0] + 1, found[1])
-
-@patch
-def _batches(self: TrainingLoop, data: Iterable, training: bool) -> None:
-    one_batch = self._training_batch if training else self._validation_batch
-    batches, done = self._run.iterate(data)  # iter(data); resuming, moved past the `done` batches of the stopped run
-    batches = self._steps.limited(batches, training, done)  # limit_train_batches / limit_valid_batches
-    if training and self.accumulate_steps > 1 and self.batch_count is None: batches = self._mixed.marking_last(batches)
-    with torch.set_grad_enabled(training), self._placed.ranks_in_step(data, training, self.epoch_index + 1):
-        try:
-            if training and done: self._check_resumed_step(done)  # a stop before this step's validation, or in it
-            for self.batch_index, batch in enumerate(batches, start=done):
-                one_batch(batch)
-        except CancelException: raise
-        except Exception as error:
-            note = _batch_note(self, error)  # where it happened: epoch, batch, step (and the classes)
-            if note not in getattr(error, "__notes__", ()): add_note(error, note)  # once: validations nest in training
-            raise
-    if not self._run.batches_done: raise _no_batches_error(data, training, self.epoch_index)
-
 # %% ../nbs/03_loop.ipynb #55382402
 @patch
 def _training_batch(self: TrainingLoop, batch: Any) -> None:
@@ -457,6 +313,71 @@ def _count_batch(self: TrainingLoop) -> None:
         raise
     if self.phase is _TRAINING and self.stop_on_nonfinite: self._nonfinite.update(loss, self.batch_index, self.step)
 
+# %% ../nbs/03_loop.ipynb #92130646
+@patch
+def _epochs(self: TrainingLoop) -> None:
+    if self.stop_training: return  # set at fit_start: a resumed run that had already stopped
+    first = self._run.first_epoch()  # as many epochs as asked for, or as max_steps takes (see `steps`)
+    for self.epoch_index in self._steps.epoch_indices(self, first, self._run.inside_epoch()):
+        self._run.open_epoch()  # {"epoch": n}, or what the resumed epoch already had
+        def finish():  # the epoch's record, unless a validation inside it came at its last step
+            if not self._run.recorded_at(self.step): self._add_record(epoch_ends=True)
+        self._with_events(Event.epoch_start, self._phases, Event.epoch_end, CancelEpoch, finish=finish)
+        if self.stop_training: break  # a callback asked for it: every epoch_end handler has run
+
+@patch
+def _phases(self: TrainingLoop) -> None:
+    if Phase.training not in self._run.phases_done: self._phase(Phase.training, self.training)
+    if self.validation is not None and Phase.validation not in self._run.phases_done \
+            and not self._run.recorded_at(self.step):  # validated at this step already (validate_every)
+        self._phase(Phase.validation, self.validation)
+
+@patch
+def _phase(self: TrainingLoop, phase: Phase, data: Iterable) -> None:
+    self.phase, self.batch_count, self.batch_index = phase, self._steps.batches(data, phase is _TRAINING), 0
+    training = phase is Phase.training
+    self.model.train(training)
+    for metric in self.metrics: metric.reset()
+    self._run.open_phase(phase)  # a resumed phase gets its metric sums back here
+    start, end, cancel, _ = _PHASE_EVENTS[phase]
+    def read_metrics():
+        self._record_metrics(phase)
+        self._run.close_phase(phase)
+    self._with_events(start, partial(self._batches, data, training), end, cancel, finish=read_metrics)
+
+@patch
+def _record_metrics(self: TrainingLoop, phase: Phase) -> None:
+    "The phase's metrics into the open record: one wait per phase; a non-finite training loss stops the fit."
+    if self._placed.sum_over_ranks[phase.value]: sum_over_ranks(self.metrics, self.device)  # every rank, once
+    record = self._run.epoch_record
+    record.update({f"{_PHASE_EVENTS[phase][3]}_{m.name}": m.compute() for m in self.metrics})
+    if phase is _TRAINING and self.stop_on_nonfinite: self._stop_if_nonfinite(record)
+
+@patch
+def _stop_if_nonfinite(self: TrainingLoop, record: dict) -> None:
+    "A finite mean loss is a sum of finite losses: only a non-finite one makes the loop read where it began."
+    if math.isfinite(record.get("train_loss", math.nan)): return
+    found = self._nonfinite.first_nonfinite()  # one read from the device
+    if found is not None: raise nonfinite_error(self.epoch_index + 1, found[0] + 1, found[1])
+
+@patch
+def _batches(self: TrainingLoop, data: Iterable, training: bool) -> None:
+    one_batch = self._training_batch if training else self._validation_batch
+    batches, done = self._run.iterate(data)  # iter(data); resuming, moved past the `done` batches of the stopped run
+    batches = self._steps.limited(batches, training, done)  # limit_train_batches / limit_valid_batches
+    if training and self.accumulate_steps > 1 and self.batch_count is None: batches = self._mixed.marking_last(batches)
+    with torch.set_grad_enabled(training), self._placed.ranks_in_step(data, training, self.epoch_index + 1):
+        try:
+            if training and done: self._check_resumed_step(done)  # a stop before this step's validation, or in it
+            for self.batch_index, batch in enumerate(batches, start=done):
+                one_batch(batch)
+        except CancelException: raise
+        except Exception as error:
+            note = _batch_note(self, error)  # where it happened: epoch, batch, step (and the classes)
+            if note not in getattr(error, "__notes__", ()): add_note(error, note)  # once: validations nest in training
+            raise
+    if not self._run.batches_done: raise _no_batches_error(data, training, self.epoch_index)
+
 # %% ../nbs/03_loop.ipynb #0d3d6b8b
 @patch
 def _add_record(self: TrainingLoop, epoch_ends: bool) -> None:
@@ -496,6 +417,85 @@ def _validate_inside_epoch(self: TrainingLoop) -> None:
     for metric in self.metrics: metric.reset()  # the next record's training metrics start here
     self._add_record(epoch_ends=False)
     if self.stop_training: raise CancelTraining()  # a monitor asked to stop: no more batches of this epoch
+
+# %% ../nbs/03_loop.ipynb #80d581a3
+@patch
+def fit(self: TrainingLoop, model: torch.nn.Module, epochs: int | None = None, device: str | torch.device | None = None,
+        callbacks: Iterable[Any] = (), *, precision: str = "32", accumulate_steps: int = 1,
+        compile: bool = False, resume_from: str | os.PathLike | dict | None = None, background: bool = False,
+        max_steps: int | None = None, validate_every: int | None = None, limit_train_batches: int | None = None,
+        limit_valid_batches: int | None = None, fast_dev_run: bool = False) -> Any:
+    """Train `model` for `epochs` (1 if neither it nor `max_steps` is given) on `device` (default: the best available);
+    returns `history`. `max_steps`, `validate_every`, the batch limits and `fast_dev_run` count the run in steps (see
+    `steps`); `resume_from` continues a run; `background=True` trains in a thread and returns a `BackgroundFit`."""
+    steps = dict(max_steps=max_steps, validate_every=validate_every, limit_train_batches=limit_train_batches,
+                 limit_valid_batches=limit_valid_batches, fast_dev_run=fast_dev_run)
+    if background:
+        from trainloop_nb.background import start_background
+        return start_background(self, model, epochs, device, callbacks, precision=precision,
+                                accumulate_steps=accumulate_steps, compile=compile, resume_from=resume_from, **steps)
+    plan = self._steps = StepPlan(epochs, **steps)
+    _check_fit_arguments(self, model)
+    self.precision, self.accumulate_steps = check_precision(precision), check_accumulate_steps(accumulate_steps)
+    self.compile = bool(compile)
+    self.max_steps, self.validate_every, self.fast_dev_run = plan.max_steps, plan.validate_every, plan.fast_dev_run
+    self.limit_train_batches, self.limit_valid_batches = plan.limit_train_batches, plan.limit_valid_batches
+    self._set_up(model, device)
+    self.callbacks = plan.callbacks_for_fit(self._callbacks_for_fit(list(callbacks)), self.rank)
+    self._build_handlers()
+    self.history, self._step_metrics = [], None
+    self.epoch_count = plan.epoch_count(self.training, self.accumulate_steps)
+    self.epoch_index, self.step, self.exception = 0, 0, None
+    self.stop_training = False
+    # Before the first phase starts, batch_count describes the training data (stale values would mislead).
+    self.phase, self.batch_index, self.batch_count = None, 0, plan.batches(self.training, True)
+    try: self._run.start(resume_from, list(callbacks), plan.epochs)  # a resumed run is put back here, before fit_start
+    except BaseException:
+        self._tear_down()
+        raise
+    self._next_check = plan.next_check(self.step - 1)  # the step at which it ends or validates (resumed: this one?)
+    with self._signals:  # Ctrl-C and SIGTERM held during each step; after SIGTERM, the process ends as it leaves
+        try: self._with_events(Event.fit_start, self._epochs, None, CancelFit)
+        except BaseException as error:
+            self.exception = error  # fit_end sees it; then it travels on unchanged
+            note_fit_ended(well=False)  # under torchrun, other ranks may wait in a collective: no barrier at exit
+            raise
+        else: note_fit_ended(well=True)
+        finally:
+            try: self._fit_end()
+            finally:
+                try: self._tear_down()  # wrappers and hooks of this fit (the process group stays)
+                finally: self._run.end()  # keeps where a stopped run stopped, for loop.resume()
+            self.phase = None
+    return self.history
+
+@patch
+def _callbacks_for_fit(self: TrainingLoop, extra: list[Any]) -> list[Any]:
+    # As in Keras, a user's own instance of a default callback's class replaces the default one.
+    chosen = self.user_callbacks + extra
+    defaults = [d for d in self.default_callbacks if not any(isinstance(cb, type(d)) for cb in chosen)]
+    return defaults + chosen
+
+@patch
+def _set_up(self: TrainingLoop, model: torch.nn.Module, device: str | torch.device | None) -> None:
+    "The fit's device, precision tools and placement (process group, model on the device, compile and DDP wrappers)."
+    self.device = fit_device(device)
+    self._mixed = StepPrecision(self.precision, self.accumulate_steps, self.device, self.optimizer)  # may refuse
+    self.scaler = self._mixed.scaler
+    try: placed = self._placed = Placement(model, self.optimizer, self.metrics, self.training, self.validation,
+                                           self.device, self.compile)
+    except BaseException:
+        self._tear_down()
+        raise
+    self.rank, self.world_size, self.model = placed.rank, placed.world_size, placed.model
+    self._training_model, self._inference_model = placed.training_model, placed.inference_model
+
+@patch
+def _tear_down(self: TrainingLoop) -> None:
+    "Undo what `_set_up` did for this fit only: the optimizer hook and the wrappers (not the process group)."
+    if self._mixed is not None: self._mixed.close()
+    self._placed = None
+    self._training_model = self._inference_model = self.model
 
 # %% ../nbs/03_loop.ipynb #a27af3e4
 @patch
