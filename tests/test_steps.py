@@ -228,3 +228,11 @@ def test_lr_find_runs_its_own_number_of_steps_whatever_the_run_length_options():
     loop, model, _ = linear_run(batches=3)
     result = loop.lr_find(model, num_steps=10, end_lr=1e-2, max_steps=4, validate_every=2)
     assert len(result.rates) == 10
+
+
+def test_reduce_lr_on_plateau_acts_on_each_record_inside_the_epoch():
+    from trainloop_nb.callbacks.plateau import ReduceLROnPlateau
+    # "step" only grows: with mode="min" each record after the first is a plateau; patience=1 reduces at each
+    loop, model, _ = linear_run(callbacks=[ReduceLROnPlateau("step", mode="min", factor=0.5, patience=1)])
+    loop.fit(model, epochs=1, validate_every=3)  # records at steps 3, 6, 9, 12: three reductions, all in epoch 1
+    assert loop.optimizer.param_groups[0]["lr"] == pytest.approx(0.1 * 0.5 ** 3)
