@@ -236,3 +236,17 @@ def test_reduce_lr_on_plateau_acts_on_each_record_inside_the_epoch():
     loop, model, _ = linear_run(callbacks=[ReduceLROnPlateau("step", mode="min", factor=0.5, patience=1)])
     loop.fit(model, epochs=1, validate_every=3)  # records at steps 3, 6, 9, 12: three reductions, all in epoch 1
     assert loop.optimizer.param_groups[0]["lr"] == pytest.approx(0.1 * 0.5 ** 3)
+
+
+def test_checkpoint_writes_a_model_whose_non_persistent_mask_holds_minus_infinity(tmp_path):
+    class Masked(torch.nn.Linear):  # as a causal attention mask: -inf where a token may not look
+        def __init__(self):
+            super().__init__(6, 3)
+            self.register_buffer("mask", torch.full((2, 2), float("-inf")).triu(1), persistent=False)
+    loop, _, _ = linear_run()
+    torch.manual_seed(0)
+    model = Masked()
+    loop.optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    loop.callbacks = loop.user_callbacks = [Checkpoint(tmp_path, every_steps=4)]
+    loop.fit(model, max_steps=8)
+    assert sorted(p.name for p in tmp_path.glob("step-*.pt")) == ["step-00000004.pt", "step-00000008.pt"]

@@ -30,7 +30,9 @@ def _not_finite(model: torch.nn.Module, training_loss: float | None) -> str | No
     "Why a state must not become a checkpoint: the training loss so far or a weight not finite; None if both are."
     if training_loss is not None and not math.isfinite(training_loss):
         return f"the training loss of this epoch so far is not finite ({training_loss})"
-    tensors = [t for t in (*model.parameters(), *model.buffers()) if t.is_floating_point() or t.is_complex()]
+    # what a checkpoint holds: parameters and persistent buffers (a non-persistent attention mask may hold -inf)
+    tensors = [t for t in model.state_dict().values()
+               if isinstance(t, torch.Tensor) and (t.is_floating_point() or t.is_complex())]
     if not tensors: return None
     device = tensors[0].device
     finite = torch.stack([t.isfinite().all().to(device) for t in tensors]).all()
