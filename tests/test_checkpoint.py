@@ -60,7 +60,7 @@ def make_loop(callbacks=(), seed=0, loop_class=LoopWithState, model=None):
 class Inject(Callback):
     "Overwrites this epoch's value of `name` in loop.history (order 0: before Checkpoint and EarlyStopping read it)."
     def __init__(self, name, values): self.name, self.values = name, values
-    def epoch_end(self, loop): loop.history[-1][self.name] = self.values[loop.epoch_index]
+    def record_added(self, loop): loop.history[-1][self.name] = self.values[loop.epoch_index]
 
 
 class Interrupt(Callback):

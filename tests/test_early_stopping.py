@@ -40,7 +40,7 @@ class InjectMonitored(Callback):
     def __init__(self, name, values):
         self.name, self.values, self.weights = name, values, {}
 
-    def epoch_end(self, loop):
+    def record_added(self, loop):  # where monitors read each record
         loop.history[-1][self.name] = self.values[loop.epoch_index]
         self.weights[loop.epoch_index + 1] = cpu_copy(loop.model.state_dict())
 
@@ -189,7 +189,7 @@ def test_state_dict_resumes_to_the_same_stop():
     assert all(t.device.type == "cpu" for t in state["best_weights"].values())
 
     class Continue(InjectMonitored):  # the second fit plays epochs 6.. of the same run
-        def epoch_end(self, loop):
+        def record_added(self, loop):
             loop.history[-1]["epoch"] = loop.epoch_index + 6
             loop.history[-1][self.name] = self.values[loop.epoch_index + 5]
     second = EarlyStopping(patience=3)

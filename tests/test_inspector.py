@@ -31,7 +31,7 @@ def expected_counts(epochs, train=TRAIN_BATCHES, valid=VALID_BATCHES):
     return {"fit_start": 1, "epoch_start": epochs, "training_start": epochs, "batch_start": epochs * (train + valid),
             "update_start": epochs * train, "inference_prediction_end": epochs * valid,
             "batch_end": epochs * (train + valid), "training_end": epochs, "validation_start": epochs,
-            "validation_end": epochs, "epoch_end": epochs, "fit_end": 1}
+            "validation_end": epochs, "record_added": epochs, "epoch_end": epochs, "fit_end": 1}
 
 
 class EventCounter:
@@ -68,7 +68,7 @@ def test_timings_cover_every_handled_pair_and_mean_is_total_over_calls():
     handled = {(type(cb).__name__, e.value) for e, cbs in loop.handlers.items() for cb in cbs
                if cb is not inspector}
     assert set(t) == handled
-    assert ("ProgressPrinter", "fit_start") in t and ("ProgressPrinter", "epoch_end") in t and ("Sleepy", "batch_end") in t
+    assert ("ProgressPrinter", "fit_start") in t and ("ProgressPrinter", "record_added") in t and ("Sleepy", "batch_end") in t
     for (name, event), v in t.items():
         assert v["calls"] == counts[event], (name, event)  # each handler ran once per event
         assert v["total"] == v["calls"] and v["mean"] == 1.0  # one tick between the two reads around each call
@@ -142,7 +142,7 @@ def test_event_log_is_bounded_and_ends_with_the_last_events():
     loop.fit(model, epochs=2)
     events = inspector.events
     assert len(events) == 5 and all(isinstance(e, EventRecord) for e in events)
-    assert [e.event for e in events] == ["inference_prediction_end", "batch_end", "validation_end", "epoch_end", "fit_end"]
+    assert [e.event for e in events] == ["batch_end", "validation_end", "record_added", "epoch_end", "fit_end"]
     last_batch = [e for e in events if e.event == "batch_end"][-1]
     assert last_batch == EventRecord("batch_end", 1, VALID_BATCHES - 1, "validation")
     assert events[-1] == EventRecord("fit_end", None, None, None)

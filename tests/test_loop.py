@@ -28,7 +28,7 @@ class Recorder(Callback):
     def __init__(self, cancel=None, at=None):
         self.cancel, self.at, self.events, self.steps_at_raise = cancel, at, [], None
     def _record(self, loop, event):
-        phase = loop.phase if event not in ("fit_start", "fit_end", "epoch_start", "epoch_end") else None
+        phase = loop.phase if event not in ("fit_start", "fit_end", "epoch_start", "record_added", "epoch_end") else None
         batch = loop.batch_index if event in ("batch_start", "update_start", "inference_prediction_end", "batch_end") else None
         key = (event, loop.epoch_index, phase, batch)
         self.events.append(key)
@@ -74,7 +74,14 @@ def expected_events(epochs, train_batches, valid_batches, cancel=None, at=None):
         def body():
             phase(e, "training", train_batches, "training_start", "training_end", CancelTraining)
             phase(e, "validation", valid_batches, "validation_start", "validation_end", CancelValidation)
-        scope(("epoch_start", e, None, None), body, ("epoch_end", e, None, None), CancelEpoch)
+        try:
+            emit(("epoch_start", e, None, None))
+            body()
+        except CancelEpoch: pass
+        try: emit(("record_added", e, None, None))  # the epoch's record is appended, whatever was cancelled
+        except (CancelBatch, CancelTraining, CancelValidation, CancelEpoch): pass  # nothing of theirs is left
+        try: emit(("epoch_end", e, None, None))
+        except CancelEpoch: pass
 
     scope(("fit_start", 0, None, None), lambda: [epoch(e) for e in range(epochs)], ("fit_end", None, None, None), CancelFit)
     return out, steps[0]
@@ -95,7 +102,7 @@ def test_full_fit_event_sequence_is_exact():
     # and literally, for the first epoch's training phase
     names = [e for e, *_ in rec.events]
     assert names[:6] == ["fit_start", "epoch_start", "training_start", "batch_start", "update_start", "batch_end"]
-    assert names[-3:] == ["validation_end", "epoch_end", "fit_end"]
+    assert names[-4:] == ["validation_end", "record_added", "epoch_end", "fit_end"]
 
 
 SCOPES = {

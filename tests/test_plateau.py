@@ -47,7 +47,7 @@ def our_rates(values, lrs, **settings):
     rates = []
     for epoch, value in enumerate(values):
         loop.history.append({"epoch": epoch + 1, "valid_loss": value})
-        callback.epoch_end(loop)
+        callback.record_added(loop)
         rates.append([group["lr"] for group in loop.optimizer.param_groups])
     return rates
 
@@ -84,7 +84,7 @@ def test_rates_match_keras(values):
 class Monitored(Callback):
     "Writes a scripted valid_loss into each epoch's record, before ReduceLROnPlateau reads it (order 0 < 1)."
     def __init__(self, values): self.values = values
-    def epoch_end(self, loop): loop.history[-1]["valid_loss"] = self.values[loop.epoch_index]
+    def record_added(self, loop): loop.history[-1]["valid_loss"] = self.values[loop.epoch_index]
 
 
 class RatesUsed(Callback):
@@ -159,7 +159,7 @@ def test_a_stopped_run_resumes_bitwise(tmp_path, with_schedule):
     reference = (copy.deepcopy(model.state_dict()), plateau.state_dict(), rates.used)
 
     class StopAt(Callback):
-        order = 50  # after ReduceLROnPlateau's epoch_end (1), before Checkpoint's (100)
+        order = 50  # after ReduceLROnPlateau (1) acted at record_added, before Checkpoint's (100)
         def __init__(self, event, n): self.event, self.n, self.count = event, n, 0
         def epoch_end(self, loop): self._maybe(Event.epoch_end)
         def batch_end(self, loop): self._maybe(Event.batch_end)

@@ -672,22 +672,39 @@ class Output:
     logits: torch.Tensor
 
 
-@pytest.mark.parametrize("wrap", [lambda t: (t, t), lambda t: {"logits": t}, Output])
-def test_model_returning_a_structure_is_told_what_to_do(wrap):
+def test_model_returning_a_tuple_is_told_what_to_do():
     class Wrapped(torch.nn.Module):
         def __init__(self): super().__init__(); self.layer = torch.nn.Linear(5, 2)
-        def forward(self, x): return wrap(self.layer(x))
+        def forward(self, x): return self.layer(x), self.layer(x)
     x, y = toy(16)
     model = Wrapped()
     loop = TrainingLoop(TrainingEpochs((x, y), 8), None, torch.optim.SGD(model.parameters(), lr=0.1), include_default_callbacks=False)
     with pytest.raises(TypeError, match="make the model return one tensor .* loss_func"): loop.fit(model)
     # a loss that takes the structure, with a metric that does not: the note says so
-    first = lambda out: out[0] if isinstance(out, tuple) else (out["logits"] if isinstance(out, dict) else out.logits)
     loop = TrainingLoop(TrainingEpochs((x, y), 8), None, torch.optim.SGD(model.parameters(), lr=0.1),
-                        loss_func=lambda out, t: torch.nn.functional.cross_entropy(first(out), t), metrics=["accuracy"],
+                        loss_func=lambda out, t: torch.nn.functional.cross_entropy(out[0], t), metrics=["accuracy"],
                         include_default_callbacks=False)
     with pytest.raises(Exception) as info: loop.fit(model)
     assert any("metric 'accuracy' takes a tensor" in note for note in getattr(info.value, "__notes__", []))
+
+
+@pytest.mark.parametrize("wrap", [lambda t: {"logits": t}, Output])
+def test_an_output_with_logits_trains_and_measures_as_its_logits(wrap):
+    "A mapping or an object with `logits` (a transformers ModelOutput is both): losses and metrics use the logits."
+    x, y = toy(16)
+    def run(wrap):
+        torch.manual_seed(0)
+        class Wrapped(torch.nn.Module):
+            def __init__(self): super().__init__(); self.layer = torch.nn.Linear(5, 2)
+            def forward(self, x): return wrap(self.layer(x))
+        model = Wrapped()
+        loop = TrainingLoop(TrainingEpochs((x, y), 8), TrainingEpochs((x, y), 8), torch.optim.SGD(model.parameters(), lr=0.1),
+                            metrics=["accuracy"], include_default_callbacks=False)
+        history = loop.fit(model, 2)
+        return [p.detach().clone() for p in model.parameters()], [{k: v for k, v in h.items() if k != "time"} for h in history]
+    weights, history = run(wrap)
+    plain_weights, plain_history = run(lambda t: t)
+    assert all(torch.equal(a, b) for a, b in zip(weights, plain_weights)) and history == plain_history
 
 
 def test_optimizer_with_part_of_the_parameters_warns_with_counts():

@@ -10,7 +10,7 @@ __all__ = []
 import importlib
 
 _MODULES = ("core", "data", "data_files", "metrics", "losses", "signals", "precision", "nonfinite", "checkpoint_io",
-            "distributed", "run_state", "oom", "batches", "evaluate", "loop", "models", "callbacks.progress",
+            "distributed", "run_state", "oom", "batches", "evaluate", "steps", "loop", "models", "callbacks.progress",
             "callbacks.charts", "callbacks.logging", "callbacks.schedule", "callbacks.inspector", "callbacks.lr_finder",
             "callbacks.clipping", "callbacks.early_stopping", "callbacks.checkpoint", "callbacks.tracking", "summary",
             "callbacks.ema", "callbacks.plateau", "interpret", "designer", "compare", "finetune", "explain", "background",

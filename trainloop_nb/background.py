@@ -131,7 +131,7 @@ class LiveBars(Callback):
     def fit_start(self, loop) -> None:
         self.columns = table_columns(loop)
         self.rows = [table_row(record, self.columns) for record in loop.history]
-        self.epochs, self.epochs_done, self.step = loop.epoch_count, len(loop.history), loop.step
+        self.epochs, self.epochs_done, self.step = loop.epoch_count, loop.epoch_index, loop.step
         self.show("running")
 
     def training_start(self, loop) -> None: self._start_phase(loop)
@@ -149,9 +149,12 @@ class LiveBars(Callback):
             if loss is not None and loss == loss: self.comment = f"loss {loss:.4f}"
         self.draw()
 
+    def record_added(self, loop) -> None:  # a row per record: per epoch, or per validation with validate_every
+        self.rows.append(table_row(loop.history[-1], self.columns))
+        self.draw(force=True)
+
     def epoch_end(self, loop) -> None:
-        if loop.history: self.rows.append(table_row(loop.history[-1], self.columns))
-        self.epochs_done = len(loop.history)
+        self.epochs, self.epochs_done = loop.epoch_count, loop.epoch_index + 1
         self.draw(force=True)
 
     def fit_end(self, loop) -> None:

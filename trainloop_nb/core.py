@@ -68,6 +68,7 @@ class Event(str, enum.Enum):
     training_end = "training_end"
     validation_start = "validation_start"
     validation_end = "validation_end"
+    record_added = "record_added"
     epoch_end = "epoch_end"
     fit_end = "fit_end"
 

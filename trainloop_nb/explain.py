@@ -206,6 +206,12 @@ def _replay_callbacks(loop: Any, callbacks: Iterable[Any] | None) -> list[Any]:
     return [copy.deepcopy(cb) for cb in loop.callbacks if type(cb).__name__ in _STEP_CALLBACKS]
 
 # %% ../nbs/30_explain.ipynb #a10e4bd5
+_STEP_OPTIONS = ("max_steps", "validate_every", "limit_train_batches", "limit_valid_batches", "fast_dev_run")
+
+def _step_options(state: dict) -> dict:
+    "The run's options counted in steps (see `steps`), which the replay must ask for as the run did."
+    return {k: v for k, v in state.get("options", {}).items() if k in _STEP_OPTIONS}
+
 def explain_nonfinite(loop: Any, callbacks: Iterable[Any] | None = None) -> NonfiniteReport:
     """Replay the failed fit from its newest checkpoint before the first non-finite loss, on copies, with finiteness checks.
 
@@ -233,7 +239,8 @@ def explain_nonfinite(loop: Any, callbacks: Iterable[Any] | None = None) -> Nonf
         with _SavedRandomness(loop), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # detect_anomaly's traceback warning; the report says what it found
             try: replay.fit(model, loop.epoch_count, loop.device, precision=loop.precision,
-                            accumulate_steps=loop.accumulate_steps, resume_from=state, on_oom=loop.on_oom)
+                            accumulate_steps=loop.accumulate_steps, resume_from=state, on_oom=loop.on_oom,
+                            **_step_options(state))
             except (RuntimeError, FloatingPointError) as replay_error:
                 if watch.found is None: raise
                 anomaly = str(replay_error).splitlines()[0] if isinstance(replay_error, RuntimeError) else ""

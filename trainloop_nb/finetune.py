@@ -166,11 +166,12 @@ def _check_no_other_schedule(loop: Any, callbacks: Sequence[Any]) -> None:
             raise ValueError(f"the loop already has a schedule ({cb!r}) that would set the rates fit_one_cycle sets; "
                              "remove it from the loop's callbacks (loop.user_callbacks) or train with loop.fit")
 
-def fit_one_cycle(loop: Any, model: torch.nn.Module, epochs: int, lr_max: float | slice, div: float = 25.0,
+def fit_one_cycle(loop: Any, model: torch.nn.Module, epochs: int | None, lr_max: float | slice, div: float = 25.0,
                   div_final: float = 1e5, pct_start: float = 0.25,
                   moms: tuple[float, float, float] | None = (0.95, 0.85, 0.95),
                   splitter: Callable[[torch.nn.Module], Iterable] | None = None, **fit_options) -> list[dict]:
-    "`loop.fit` with the one-cycle policy peaking at `lr_max` (a rate, or `slice(low, high)`: a rate per layer group)."
+    """`loop.fit` with the one-cycle policy peaking at `lr_max` (a rate, or `slice(low, high)`: a rate per layer group);
+    the cycle spans the run: `epochs`, or `max_steps=` (with `epochs=None`) given among the fit's options."""
     callbacks = list(fit_options.pop("callbacks", ()))
     _check_no_other_schedule(loop, callbacks)
     peaks = lr_max

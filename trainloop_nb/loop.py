@@ -31,6 +31,7 @@ from .oom import OomSplit, check_on_oom
 from .precision import StepPrecision, check_accumulate_steps, check_precision
 from .run_state import RunState
 from .signals import SignalGuard
+from .steps import StepPlan
 
 # %% auto #0
 __all__ = ['TrainingLoop']
@@ -79,10 +80,8 @@ def _non_tensor_output_note(output: Any, metric: Any) -> str:
             f"the model return one tensor, or pass metrics (as well as a loss_func) that take a {kind}")
 
 # %% ../nbs/03_loop.ipynb #718ee41a
-def _check_fit_arguments(loop: Any, model: torch.nn.Module, epochs: int) -> int:
-    "`epochs` as an int, or a clear error for arguments that cannot train (before anything moves or runs)."
-    if not isinstance(epochs, numbers.Integral) or isinstance(epochs, bool) or epochs < 1:
-        raise ValueError(f"epochs must be a whole number of at least 1, got {epochs!r}")
+def _check_fit_arguments(loop: Any, model: torch.nn.Module) -> None:
+    "A clear error for arguments that cannot train (before anything moves or runs; `epochs` is `StepPlan`'s)."
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     model_params = {id(p) for p in model.parameters()}
@@ -101,7 +100,6 @@ def _check_fit_arguments(loop: Any, model: torch.nn.Module, epochs: int) -> int:
     if data_length(loop.training) == 0:
         raise ValueError("the training data is empty (len() == 0); give it at least one batch "
                          "(with drop_last=True the dataset must hold at least batch_size samples)")
-    return int(epochs)
 
 def _warn_left_out(model: torch.nn.Module, optimizer_params: set[int]) -> None:
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -138,6 +136,8 @@ class TrainingLoop:
         self.rank, self.world_size = 0, 1
         self.precision, self.accumulate_steps, self.compile, self.scaler = "32", 1, False, None
         self.on_oom, self.micro_batches = "raise", 1  # on_oom="split": training batches in micro_batches parts
+        self.max_steps = self.validate_every = self.limit_train_batches = self.limit_valid_batches = None  # see `steps`
+        self.fast_dev_run, self._steps, self._next_check = False, StepPlan(), 0
         self.stop_on_nonfinite = bool(stop_on_nonfinite)
         self.stop_training = False  # a callback sets it to end the fit after the current epoch (Keras' name)
         self._handlers: dict = {}
@@ -240,6 +240,7 @@ def _training_batch(self: TrainingLoop, batch: Any) -> None:
         self._signals.release()
         raise
     if not self._mixed.inside_group: self._signals.release()  # and raises one that came meanwhile
+    if self.step >= self._next_check: self._at_check_step()  # max_steps or validate_every (see `steps`)
 
 @patch
 def _training_step(self: TrainingLoop) -> None:
@@ -328,34 +329,41 @@ def _count_batch(self: TrainingLoop) -> None:
 @patch
 def _epochs(self: TrainingLoop) -> None:
     if self.stop_training: return  # set at fit_start: a resumed run that had already stopped
-    for self.epoch_index in range(self._run.first_epoch(), self.epoch_count):
-        record, started = self._run.open_epoch()  # {"epoch": n} and now, or what the resumed epoch already had
-        def finish():
-            self.history.append({**record, "time": time.perf_counter() - started})
-            self._run.close_epoch()
-        self._with_events(Event.epoch_start, partial(self._phases, record), Event.epoch_end, CancelEpoch, finish=finish)
+    first = self._run.first_epoch()  # as many epochs as asked for, or as max_steps takes (see `steps`)
+    for self.epoch_index in self._steps.epoch_indices(self, first, self._run.inside_epoch()):
+        self._run.open_epoch()  # {"epoch": n}, or what the resumed epoch already had
+        def finish():  # the epoch's record, unless a validation inside it came at its last step
+            if not self._run.recorded_at(self.step): self._add_record(epoch_ends=True)
+        self._with_events(Event.epoch_start, self._phases, Event.epoch_end, CancelEpoch, finish=finish)
         if self.stop_training: break  # a callback asked for it: every epoch_end handler has run
 
 @patch
-def _phases(self: TrainingLoop, record: dict) -> None:
-    if Phase.training not in self._run.phases_done: self._phase(Phase.training, self.training, record)
-    if self.validation is not None and Phase.validation not in self._run.phases_done:
-        self._phase(Phase.validation, self.validation, record)
+def _phases(self: TrainingLoop) -> None:
+    if Phase.training not in self._run.phases_done: self._phase(Phase.training, self.training)
+    if self.validation is not None and Phase.validation not in self._run.phases_done \
+            and not self._run.recorded_at(self.step):  # validated at this step already (validate_every)
+        self._phase(Phase.validation, self.validation)
 
 @patch
-def _phase(self: TrainingLoop, phase: Phase, data: Iterable, record: dict) -> None:
-    self.phase, self.batch_count, self.batch_index = phase, data_length(data), 0
+def _phase(self: TrainingLoop, phase: Phase, data: Iterable) -> None:
+    self.phase, self.batch_count, self.batch_index = phase, self._steps.batches(data, phase is _TRAINING), 0
     training = phase is Phase.training
     self.model.train(training)
     for metric in self.metrics: metric.reset()
     self._run.open_phase(phase)  # a resumed phase gets its metric sums back here
-    start, end, cancel, prefix = _PHASE_EVENTS[phase]
-    def read_metrics():  # one wait per phase
-        if self._placed.sum_over_ranks[phase.value]: sum_over_ranks(self.metrics, self.device)  # every rank, once
-        record.update({f"{prefix}_{m.name}": m.compute() for m in self.metrics})
+    start, end, cancel, _ = _PHASE_EVENTS[phase]
+    def read_metrics():
+        self._record_metrics(phase)
         self._run.close_phase(phase)
-        if training and self.stop_on_nonfinite: self._stop_if_nonfinite(record)
     self._with_events(start, partial(self._batches, data, training), end, cancel, finish=read_metrics)
+
+@patch
+def _record_metrics(self: TrainingLoop, phase: Phase) -> None:
+    "The phase's metrics into the open record: one wait per phase; a non-finite training loss stops the fit."
+    if self._placed.sum_over_ranks[phase.value]: sum_over_ranks(self.metrics, self.device)  # every rank, once
+    record = self._run.epoch_record
+    record.update({f"{_PHASE_EVENTS[phase][3]}_{m.name}": m.compute() for m in self.metrics})
+    if phase is _TRAINING and self.stop_on_nonfinite: self._stop_if_nonfinite(record)
 
 @patch
 def _stop_if_nonfinite(self: TrainingLoop, record: dict) -> None:
@@ -368,46 +376,98 @@ def _stop_if_nonfinite(self: TrainingLoop, record: dict) -> None:
 def _batches(self: TrainingLoop, data: Iterable, training: bool) -> None:
     one_batch = self._training_batch if training else self._validation_batch
     batches, done = self._run.iterate(data)  # iter(data); resuming, moved past the `done` batches of the stopped run
+    batches = self._steps.limited(batches, training, done)  # limit_train_batches / limit_valid_batches
     if training and self.accumulate_steps > 1 and self.batch_count is None: batches = self._mixed.marking_last(batches)
     with torch.set_grad_enabled(training), self._placed.ranks_in_step(data, training, self.epoch_index + 1):
         try:
+            if training and done: self._check_resumed_step(done)  # a stop before this step's validation, or in it
             for self.batch_index, batch in enumerate(batches, start=done):
                 one_batch(batch)
         except CancelException: raise
         except Exception as error:
-            add_note(error, _batch_note(self, error))  # where it happened: epoch, batch, step (and the classes)
+            note = _batch_note(self, error)  # where it happened: epoch, batch, step (and the classes)
+            if note not in getattr(error, "__notes__", ()): add_note(error, note)  # once: validations nest in training
             raise
     if not self._run.batches_done: raise _no_batches_error(data, training, self.epoch_index)
 
+# %% ../nbs/03_loop.ipynb #0d3d6b8b
+@patch
+def _add_record(self: TrainingLoop, epoch_ends: bool) -> None:
+    "The open record into `history` (with its time); `record_added` fires. Inside an epoch a new record opens."
+    self.history.append(self._run.close_record(self.step, epoch_ends))
+    if not self._handlers[Event.record_added]: return
+    try: self._fire(Event.record_added)
+    except (CancelBatch, CancelValidation): pass  # nothing of theirs is under way
+    except (CancelTraining, CancelEpoch):
+        if not epoch_ends: raise  # inside an epoch they end its training, or the epoch; at its end nothing is left
+
+@patch
+def _at_check_step(self: TrainingLoop) -> None:
+    "A step at which the run ends (`max_steps`: this epoch's training ends here) or validates (`validate_every`)."
+    self._next_check = self._steps.next_check(self.step)
+    if self._steps.ended(self.step): raise CancelTraining()  # training_end, the epoch's validation and record follow
+    if self._run.validation_pending or self._steps.validates(self.step, self.batch_index, self.batch_count) \
+            and not self._run.recorded_at(self.step):  # a resumed run may have validated at this step already
+        self._validate_inside_epoch()
+
+@patch
+def _check_resumed_step(self: TrainingLoop, done: int) -> None:
+    "A run resumed inside its training phase: the check of its last step, if the stop came before (or inside) it."
+    self.batch_index = done - 1
+    if self._run.validation_pending or self.step >= self._next_check: self._at_check_step()
+
+@patch
+def _validate_inside_epoch(self: TrainingLoop) -> None:
+    "The validation phase between two training batches and its record; then the training phase goes on."
+    validated = self._run.pause_training()  # the training phase's place, kept aside (and in a state taken meanwhile)
+    if not validated:  # (a run resumed between this validation's end and its record has both in the record)
+        self._record_metrics(Phase.training)  # the training batches since the previous record
+        if self.validation is not None: self._phase(Phase.validation, self.validation)
+    self.phase, self.batch_count = Phase.training, self._steps.batches(self.training, True)
+    self.batch_index = self._run.resume_training()
+    self.model.train(True)
+    for metric in self.metrics: metric.reset()  # the next record's training metrics start here
+    self._add_record(epoch_ends=False)
+    if self.stop_training: raise CancelTraining()  # a monitor asked to stop: no more batches of this epoch
+
 # %% ../nbs/03_loop.ipynb #80d581a3
 @patch
-def fit(self: TrainingLoop, model: torch.nn.Module, epochs: int = 1, device: str | torch.device | None = None,
+def fit(self: TrainingLoop, model: torch.nn.Module, epochs: int | None = None, device: str | torch.device | None = None,
         callbacks: Iterable[Any] = (), *, precision: str = "32", accumulate_steps: int = 1,
         compile: bool = False, resume_from: str | os.PathLike | dict | None = None, background: bool = False,
-        on_oom: str = "raise") -> Any:
-    """Train `model` for `epochs` on `device` (default: the best available); returns `history`. `resume_from`
-    continues a run; `background=True` trains in a thread and returns a `BackgroundFit` at once (see `background`);
+        max_steps: int | None = None, validate_every: int | None = None, limit_train_batches: int | None = None,
+        limit_valid_batches: int | None = None, fast_dev_run: bool = False, on_oom: str = "raise") -> Any:
+    """Train `model` for `epochs` (1 if neither it nor `max_steps` is given) on `device` (default: the best available);
+    returns `history`. `max_steps`, `validate_every`, the batch limits and `fast_dev_run` count the run in steps (see
+    `steps`); `resume_from` continues a run; `background=True` trains in a thread and returns a `BackgroundFit`;
     `on_oom="split"` runs a training batch that is out of memory again in micro-batches (see `oom`)."""
+    steps = dict(max_steps=max_steps, validate_every=validate_every, limit_train_batches=limit_train_batches,
+                 limit_valid_batches=limit_valid_batches, fast_dev_run=fast_dev_run)
     if background:
         from trainloop_nb.background import start_background
         return start_background(self, model, epochs, device, callbacks, precision=precision,
                                 accumulate_steps=accumulate_steps, compile=compile, resume_from=resume_from,
-                                on_oom=on_oom)
-    epochs = _check_fit_arguments(self, model, epochs)
+                                on_oom=on_oom, **steps)
+    plan = self._steps = StepPlan(epochs, **steps)
+    _check_fit_arguments(self, model)
     self.precision, self.accumulate_steps = check_precision(precision), check_accumulate_steps(accumulate_steps)
     self.compile, self.on_oom = bool(compile), check_on_oom(on_oom)
+    self.max_steps, self.validate_every, self.fast_dev_run = plan.max_steps, plan.validate_every, plan.fast_dev_run
+    self.limit_train_batches, self.limit_valid_batches = plan.limit_train_batches, plan.limit_valid_batches
     self._set_up(model, device)
-    self.callbacks = self._callbacks_for_fit(list(callbacks))
+    self.callbacks = plan.callbacks_for_fit(self._callbacks_for_fit(list(callbacks)), self.rank)
     self._build_handlers()
     self.history, self._step_metrics = [], None
-    self.epoch_count, self.epoch_index, self.step, self.exception = epochs, 0, 0, None
+    self.epoch_count = plan.epoch_count(self.training, self.accumulate_steps)
+    self.epoch_index, self.step, self.exception = 0, 0, None
     self.stop_training = False
     # Before the first phase starts, batch_count describes the training data (stale values would mislead).
-    self.phase, self.batch_index, self.batch_count = None, 0, data_length(self.training)
-    try: self._run.start(resume_from, list(callbacks))  # a resumed run is put back here, before fit_start
+    self.phase, self.batch_index, self.batch_count = None, 0, plan.batches(self.training, True)
+    try: self._run.start(resume_from, list(callbacks), plan.epochs)  # a resumed run is put back here, before fit_start
     except BaseException:
         self._tear_down()
         raise
+    self._next_check = plan.next_check(self.step - 1)  # the step at which it ends or validates (resumed: this one?)
     with self._signals:  # Ctrl-C and SIGTERM held during each step; after SIGTERM, the process ends as it leaves
         try: self._with_events(Event.fit_start, self._epochs, None, CancelFit)
         except BaseException as error:
@@ -470,7 +530,7 @@ def load_state_dict(self: TrainingLoop, state: dict[str, Any]) -> None:
 @patch
 def resume(self: TrainingLoop) -> list[dict]:
     "Continue the last fit, stopped by an error, Ctrl-C or SIGTERM, in memory from its last completed step."
-    return self.fit(self.model, self.epoch_count, self.device, **self._run.stopped_fit())
+    return self.fit(self.model, device=self.device, **self._run.stopped_fit())
 
 # %% ../nbs/03_loop.ipynb #b44d8a07
 @patch
@@ -509,7 +569,7 @@ def predict(self: TrainingLoop, data: Iterable | None = None, model: torch.nn.Mo
 
 # %% ../nbs/03_loop.ipynb #c2d03aad
 @patch
-def fit_one_cycle(self: TrainingLoop, model: torch.nn.Module, epochs: int, lr_max: float | slice,
+def fit_one_cycle(self: TrainingLoop, model: torch.nn.Module, epochs: int | None, lr_max: float | slice,
                   **kwargs) -> list[dict]:
     "`fit` with the one-cycle policy peaking at `lr_max` (a `slice`: a rate per layer group) (see `finetune`)."
     from trainloop_nb.finetune import fit_one_cycle

@@ -212,7 +212,7 @@ def _check_same_set_up(loop: Any, options: dict[str, Any], state: dict[str, Any]
                                   f"loop's metrics are {names} (new: {new}, gone: {gone}); nothing was loaded. Resume "
                                   "with the run's metrics")
     reached = position["epoch"] + (position["record"] is not None)  # epochs finished or started
-    if reached > loop.epoch_count:
+    if reached > loop.epoch_count and loop.max_steps is None:  # with max_steps, the epochs are as many as it takes
         raise CheckpointError(f"{source} is {'inside' if position['record'] is not None else 'after'} epoch "
                               f"{reached} of its run, past the {loop.epoch_count} epochs this fit asks for; nothing "
                               "was loaded. Ask for at least as many epochs as the run has reached, or start a new run")
@@ -229,16 +229,22 @@ class RunState:
 
     def _new_run(self) -> None:
         self._resume: dict | None = None  # the run being continued, until the loop reaches its position
-        self.epoch_record, self.epoch_started, self.phases_done = None, 0.0, []
+        self.epoch_record, self.record_started, self.phases_done, self.epochs_done = None, 0.0, [], 0
         self.open_phase_name, self.phase_start, self.batches_done = None, None, 0
         self.batch, self.batch_rng = None, None  # the training batch under way, and torch's generators as it started
         self._cuda = False
+        # validate_every: the training phase's position while a validation runs inside the epoch, and its bookkeeping
+        self.paused: dict | None = None
+        self._paused_bookkeeping: tuple | None = None
+        self.validation_pending = False  # resuming inside such a validation: it runs before the next training batch
+        self.validation_done = False  # resuming after it, before its record: only the record is left to add
 
     # -- what the loop calls, in the order of a fit ---------------------------------------------------------------
-    def start(self, resume_from: str | os.PathLike | dict | None, fit_callbacks: list[Any]) -> None:
+    def start(self, resume_from: str | os.PathLike | dict | None, fit_callbacks: list[Any],
+              epochs: int | None = None) -> None:
         "A new run's bookkeeping; to continue one, its weights, history, position and callback states put back."
         loop = self.loop
-        self.fit_callbacks, self.stopped = fit_callbacks, None
+        self.fit_callbacks, self.fit_epochs, self.stopped = fit_callbacks, epochs, None
         self._new_run()
         source = "the state given to fit(resume_from=...)"
         if resume_from is None and self.pending is not None:
@@ -254,7 +260,7 @@ class RunState:
             loop.optimizer.load_state_dict(resume_from["optimizer"])
             move_optimizer_state(loop.optimizer, loop.device)
         loop.step, loop.history = int(resume_from["step"]), copy.deepcopy(resume_from["history"])
-        loop.epoch_index = resume_from["position"]["epoch"]
+        loop.epoch_index = self.epochs_done = resume_from["position"]["epoch"]
         for data, which in ((loop.training, "training"), (loop.validation, "validation")):
             _load_data_state(data, resume_from["data"].get(which))
         _load_callback_states(loop.callbacks, resume_from["callbacks"], source)  # before fit_start, which keeps them
@@ -268,19 +274,50 @@ class RunState:
         set_rng_state(self._resume["rng"], self.loop.device)
         return self._resume["position"]["epoch"]
 
-    def open_epoch(self) -> tuple[dict, float]:
-        "The epoch's record and start time: new ones, or what the resumed epoch already had."
+    def inside_epoch(self) -> bool:
+        "Whether the fit continues a run stopped inside an epoch (which it then finishes, whatever its step)."
+        return self._resume is not None and self._resume["position"]["record"] is not None
+
+    def open_epoch(self) -> dict:
+        "The epoch's record: a new one, or what the resumed epoch already had (its clock going on from there)."
         record, started, self.phases_done = {"epoch": self.loop.epoch_index + 1}, time.perf_counter(), []
         position = self._resume["position"] if self._resume is not None else None
         if position is not None and position["epoch"] == self.loop.epoch_index and position["record"] is not None:
             record.update(position["record"])
             started -= position["elapsed"]
             self.phases_done = list(position["phases_done"])
-        if position is not None and position.get("phase") is None: self._resume = None  # nothing left to put back
-        self.epoch_record, self.epoch_started = record, started
-        return record, started
+        if position is not None and position.get("phase") is None and "paused" not in position:
+            self._resume = None  # nothing left to put back
+        self.epoch_record, self.record_started = record, started
+        return record
 
-    def close_epoch(self) -> None: self.epoch_record = None
+    def close_record(self, step: int, epoch_ends: bool) -> dict:
+        "The open record finished for `history` (with `step` where the run validates every N steps, and its `time`)."
+        record = self.epoch_record
+        if self.loop.validate_every is not None: record = {"epoch": record["epoch"], "step": step, **record}
+        record = {**record, "time": time.perf_counter() - self.record_started}
+        if epoch_ends: self.epoch_record, self.epochs_done = None, self.loop.epoch_index + 1
+        else: self.epoch_record, self.record_started = {"epoch": record["epoch"]}, time.perf_counter()
+        return record
+
+    def recorded_at(self, step: int) -> bool:
+        "Whether a record of this epoch already holds `step` (a validation inside it came at its last step)."
+        last = self.loop.history[-1] if self.loop.history else {}
+        return last.get("step") == step and last.get("epoch") == self.loop.epoch_index + 1
+
+    def pause_training(self) -> bool:
+        "Before a validation inside the epoch: the training phase's position, kept aside; True if it already ran."
+        done, self.validation_pending, self.validation_done = self.validation_done, False, False
+        self.paused = self._phase_position(True, inside_batch=False, batch_rng=None)  # the stop's generators then
+        self.paused["validated"] = done
+        self._paused_bookkeeping = (self.phase_start, self.batches_done, self.batch, self.batch_rng)
+        return done
+
+    def resume_training(self) -> int:
+        "After it: the training phase's bookkeeping back; returns the index of the last training batch done."
+        self.phase_start, self.batches_done, self.batch, self.batch_rng = self._paused_bookkeeping
+        self.open_phase_name, self.paused, self._paused_bookkeeping = Phase.training.value, None, None
+        return self.batches_done - 1
 
     def open_phase(self, phase: Phase) -> None:
         "A phase starts (metrics just reset); resuming inside it, its metric sums (and non-finite watch) put back."
@@ -317,7 +354,7 @@ class RunState:
         if position is not None:
             set_rng_state(self._resume["rng"], device, torch_too=position["batch_rng"] is None)
             if position["batch_rng"] is not None: _set_torch_rng_state(position["batch_rng"], device)
-            self._resume = None
+            self._resume = self._after_paused_training(self._resume)
         self.batches_done = done
         return batches, done
 
@@ -327,7 +364,8 @@ class RunState:
         if self._cuda: self.batch_cuda_rng = torch.cuda.get_rng_state(self.loop.device)
 
     def close_phase(self, phase: Phase) -> None:
-        self.phases_done.append(phase.value)
+        if self.paused is None: self.phases_done.append(phase.value)
+        else: self.paused["validated"] = True  # a validation inside the epoch: its record is all that is left
         self.open_phase_name = None
 
     def end(self) -> None:
@@ -361,9 +399,12 @@ class RunState:
                 "scaler": loop.scaler.state_dict() if loop.scaler is not None else None}  # "16-mixed": its scale
 
     def options(self) -> dict[str, Any]:
-        "The fit's options: those that change what a step computes, which a resume must keep, and `on_oom`."
-        return {"precision": self.loop.precision, "accumulate_steps": self.loop.accumulate_steps,
-                "compile": self.loop.compile, "on_oom": self.loop.on_oom}
+        "The fit's options that change what a step computes or which steps run (a resume keeps them), and `on_oom`."
+        loop = self.loop
+        return {"precision": loop.precision, "accumulate_steps": loop.accumulate_steps, "compile": loop.compile,
+                "max_steps": loop.max_steps, "validate_every": loop.validate_every, "fast_dev_run": loop.fast_dev_run,
+                "limit_train_batches": loop.limit_train_batches, "limit_valid_batches": loop.limit_valid_batches,
+                "on_oom": loop.on_oom}
 
     def load(self, state: dict[str, Any]) -> None:
         "Make the next fit continue the run `state` came from."
@@ -375,14 +416,16 @@ class RunState:
         if self.stopped is None:
             raise RuntimeError("there is no stopped fit to resume: the last fit finished (or none ran). To train further, "
                                "call fit() again (a new run), or fit(..., resume_from=checkpoint) to continue a saved one")
-        return {"callbacks": self.fit_callbacks, "resume_from": self.stopped, **self.stopped["options"]}
+        return {"callbacks": self.fit_callbacks, "resume_from": self.stopped, **self.stopped["options"],
+                "epochs": self.fit_epochs}
 
     def _position(self) -> dict[str, Any]:
         "The next epoch; or the open one, its record so far, and the phase under way with its batches done and sums."
         loop = self.loop
-        if self.epoch_record is None: return {"epoch": len(loop.history), "record": None}
+        if self.epoch_record is None: return {"epoch": self.epochs_done, "record": None}
         position = {"epoch": loop.epoch_index, "record": dict(self.epoch_record), "phases_done": list(self.phases_done),
-                    "elapsed": time.perf_counter() - self.epoch_started, "phase": None}
+                    "elapsed": time.perf_counter() - self.record_started, "phase": None}
+        if self.paused is not None: position["paused"] = dict(self.paused)  # a validation inside the epoch: training's
         if self.open_phase_name is None or self.phase_start is None: return position  # its data not opened: redo it
         training = self.open_phase_name == Phase.training.value
         if self.signals.broke_step:
@@ -397,12 +440,15 @@ class RunState:
             batch_rng = torch_rng_state(loop.device)  # between batches: as they are now
             if inside_batch:
                 batch_rng = {"cpu": self.batch_rng, **({"cuda": self.batch_cuda_rng} if self._cuda else {})}
-        position.update(phase=self.open_phase_name, batch=self.batches_done, phase_start=self.phase_start,
-                        metrics={m.name: _metric_state(m) for m in loop.metrics},
-                        **self._data_position(training, inside_batch),
-                        batch_rng=batch_rng,  # validation draws no numbers (eval mode): None
-                        nonfinite=self.nonfinite.state_dict() if training else None)
+        position.update(self._phase_position(training, inside_batch, batch_rng))  # validation draws no numbers: None
         return position
+
+    def _phase_position(self, training: bool, inside_batch: bool, batch_rng: dict | None) -> dict[str, Any]:
+        "The open phase's place: batches done, what iter() drew from, metric sums (copies), data, generators."
+        return {"phase": self.open_phase_name, "batch": self.batches_done, "phase_start": self.phase_start,
+                "metrics": {m.name: clone_state(_metric_state(m)) for m in self.loop.metrics},
+                **self._data_position(training, inside_batch), "batch_rng": batch_rng,
+                "nonfinite": clone_state(self.nonfinite.state_dict()) if training else None}
 
     def _data_position(self, training: bool, inside_batch: bool) -> dict[str, Any]:
         "Data that restores its own position: its state now, and the batch under way if the stop came inside one."
@@ -413,9 +459,18 @@ class RunState:
 
     def _resuming_phase(self) -> dict | None:
         position = self._resume["position"] if self._resume is not None else None
-        if position is None or position.get("phase") != self.open_phase_name or position["epoch"] != self.loop.epoch_index:
-            return None
-        return position
+        if position is None or position["epoch"] != self.loop.epoch_index: return None
+        if "paused" in position and self.open_phase_name == Phase.training.value: return position["paused"]
+        return position if position.get("phase") == self.open_phase_name else None
+
+    def _after_paused_training(self, resume: dict) -> dict | None:
+        "Once a phase is put back: nothing left to resume, or the validation inside the epoch the training paused for."
+        position = resume["position"]
+        if "paused" not in position or self.open_phase_name != Phase.training.value: return None
+        self.validation_pending = True  # the loop runs it (or, if it had run, adds its record) before the next batch
+        self.validation_done = bool(position["paused"].get("validated"))
+        inside = {k: v for k, v in position.items() if k != "paused"}
+        return {**resume, "position": inside} if inside.get("phase") is not None else None  # None: not yet opened
 
     def _read_resume_file(self, path: str | os.PathLike) -> tuple[dict, str]:
         "The checkpoint at `path`; under torchrun read by rank 0 and handed to every rank (nodes may share no disk)."

@@ -30,7 +30,9 @@ def _not_finite(model: torch.nn.Module, training_loss: float | None) -> str | No
     "Why a state must not become a checkpoint: the training loss so far or a weight not finite; None if both are."
     if training_loss is not None and not math.isfinite(training_loss):
         return f"the training loss of this epoch so far is not finite ({training_loss})"
-    tensors = [t for t in (*model.parameters(), *model.buffers()) if t.is_floating_point() or t.is_complex()]
+    # what a checkpoint holds: parameters and persistent buffers (a non-persistent attention mask may hold -inf)
+    tensors = [t for t in model.state_dict().values()
+               if isinstance(t, torch.Tensor) and (t.is_floating_point() or t.is_complex())]
     if not tensors: return None
     device = tensors[0].device
     finite = torch.stack([t.isfinite().all().to(device) for t in tensors]).all()
@@ -40,6 +42,7 @@ def _not_finite(model: torch.nn.Module, training_loss: float | None) -> str | No
 class Checkpoint(Callback):
     "Saves the loop's whole state atomically as `step-<step>.pt` every few steps or epochs, keeps the newest `keep_last`, and `best.pt` for `monitor`."
     order = 100  # last: the state it saves includes what every other callback recorded at this event
+    writes_files = True  # fit(..., fast_dev_run=True) leaves it out
 
     def __init__(self, directory: str | os.PathLike = "run/checkpoints", every_steps: int | None = None,
                  every_epochs: int | None = 1, keep_last: int | None = 2, monitor: str | None = None, mode: str = "auto"):
@@ -84,15 +87,18 @@ class Checkpoint(Callback):
         if stepped and loop.step % self.every_steps == 0 and self._state_is_good(loop):
             self._save_step(loop, loop.state_dict())  # the state on every rank (a collective under torchrun), written by rank 0
 
-    def epoch_end(self, loop) -> None:
-        value = self.monitor.read(loop, owner="Checkpoint") if self.monitor is not None else None
-        improved = self.monitor is not None and self.monitor.improves(value, self.best)
-        due = self.every_epochs is not None and (loop.epoch_index + 1) % self.every_epochs == 0
-        if not (improved or due) or not self._state_is_good(loop): return
-        if improved: self.best = value  # before the state is taken, so best.pt holds it
+    def record_added(self, loop) -> None:
+        "best.pt where the monitored value improves: at each record (per epoch, or per validation with validate_every)."
+        if self.monitor is None: return
+        value = self.monitor.read(loop, owner="Checkpoint")
+        if not self.monitor.improves(value, self.best) or not self._state_is_good(loop, loop.history[-1]): return
+        self.best = value  # before the state is taken, so best.pt holds it
         state = loop.state_dict()  # on every rank, as at batch_end
-        if due: self._save_step(loop, state)
-        if improved and self._writes(loop): save_checkpoint(state, self.directory / "best.pt")
+        if self._writes(loop): save_checkpoint(state, self.directory / "best.pt")
+
+    def epoch_end(self, loop) -> None:
+        due = self.every_epochs is not None and (loop.epoch_index + 1) % self.every_epochs == 0
+        if due and self._state_is_good(loop): self._save_step(loop, loop.state_dict())  # on every rank, as at batch_end
 
     def fit_end(self, loop) -> None:
         try:
@@ -112,17 +118,21 @@ class Checkpoint(Callback):
         "Only rank 0 writes; under torchrun every rank still takes loop.state_dict() with it, a collective call."
         return getattr(loop, "rank", 0) == 0
 
-    def _training_loss(self, loop) -> float | None:
+    def _training_loss(self, loop, record: dict | None = None) -> float | None:
         "The epoch's mean training loss so far (a wait for the device), or None before any training batch counted."
+        if record is not None: return record.get("train_loss")  # a record just added: its own
+        last = loop.history[-1] if loop.history else {}
         if loop.phase == "training":  # (an empty phase's mean is nan: no batch of this epoch has been counted yet)
             if getattr(loop, "world_size", 1) > 1: return None  # each rank's own: ranks could disagree on a collective
+            if last.get("step") == loop.step and last.get("epoch") == loop.epoch_index + 1:
+                return last.get("train_loss")  # validate_every: the sums start again after this record, none counted yet
             return loop.last_stats.get("loss") if self._counted_epoch == loop.epoch_index else None
-        record = loop.history[-1] if loop.history else {}  # after training: this epoch's record, at its epoch_end
-        return record.get("train_loss") if record.get("epoch") == loop.epoch_index + 1 else None
+        # after training: this epoch's record, at its epoch_end
+        return last.get("train_loss") if last.get("epoch") == loop.epoch_index + 1 else None
 
-    def _state_is_good(self, loop) -> bool:
+    def _state_is_good(self, loop, record: dict | None = None) -> bool:
         "False, with a warning once a fit, where the state is not finite: such a state never replaces good checkpoints."
-        why = _not_finite(loop.model, self._training_loss(loop))
+        why = _not_finite(loop.model, self._training_loss(loop, record))
         if why is None: return True
         if not self._warned:
             newest = latest_checkpoint(self.directory)

@@ -83,7 +83,7 @@ class EarlyStopping(Callback):
         elif self.stopped_epoch is not None: loop.stop_training = True  # a run that had stopped is over: no more epochs
         self._resuming = False
 
-    def epoch_end(self, loop) -> None:
+    def record_added(self, loop) -> None:  # each record: per epoch, or per validation with validate_every
         value = self.monitor.read(loop, owner="EarlyStopping")
         epoch = loop.history[-1].get("epoch", loop.epoch_index + 1)
         if self.monitor.improves(value, self.best):
@@ -93,7 +93,7 @@ class EarlyStopping(Callback):
         self.wait += 1
         if self.wait >= self.patience:
             self.stopped_epoch = epoch
-            loop.stop_training = True  # as in Keras: the fit ends after this epoch_end, once Checkpoint has saved it
+            loop.stop_training = True  # the fit ends after this record's epoch_end (inside an epoch: at once)
 
     def fit_end(self, loop) -> None:
         # After an error or Ctrl-C the model keeps its last step's weights: that is the state a resume continues from.

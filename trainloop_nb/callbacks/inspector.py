@@ -151,6 +151,7 @@ class CallbackInspector(Callback):
     def training_end(self, loop) -> None: self._saw(loop, "training_end", loop.epoch_index, None, loop.phase)
     def validation_start(self, loop) -> None: self._saw(loop, "validation_start", loop.epoch_index, None, loop.phase)
     def validation_end(self, loop) -> None: self._saw(loop, "validation_end", loop.epoch_index, None, loop.phase)
+    def record_added(self, loop) -> None: self._saw(loop, "record_added", loop.epoch_index, None, None)
     def epoch_end(self, loop) -> None: self._saw(loop, "epoch_end", loop.epoch_index, None, None)
 
     def fit_end(self, loop) -> None:

@@ -31,6 +31,7 @@ def _check_folder_can_be_made(folder: Path, owner: str, target: Path) -> None:
 
 class CSVLogger(Callback):
     "Writes one CSV row per batch: epoch, batch, phase, and the running value of each metric in that phase."
+    writes_files = True  # fit(..., fast_dev_run=True) leaves it out
 
     def __init__(self, path: str | os.PathLike = "run/log.csv", append: bool = False):
         self.path, self.append = Path(path), append
@@ -139,7 +140,8 @@ def _new_run_dir(log_dir: Path) -> Path:
 
 # %% ../../nbs/12_callbacks.logging.ipynb #3078f2ca
 class TensorBoardLogger(Callback):
-    "Writes TensorBoard scalars: loss and learning rate per training step, every metric of both phases per epoch."
+    "Writes TensorBoard scalars: loss and learning rate per training step, every metric of both phases per record."
+    writes_files = True  # fit(..., fast_dev_run=True) leaves it out
 
     def __init__(self, log_dir: str | os.PathLike = "run/tensorboard/stats", flush_secs: float = 2.0,
                  batch_metrics: bool = True):
@@ -174,13 +176,13 @@ class TensorBoardLogger(Callback):
 
     def training_end(self, loop) -> None: self.flush()
 
-    def epoch_end(self, loop) -> None:
-        if not loop.history: return
+    def record_added(self, loop) -> None:
         record = loop.history[-1]
+        at = record.get("step", record["epoch"])  # validating every N steps: at its step, else at the epoch's number
         for phase, prefix in ((Phase.training, "train_"), (Phase.validation, "valid_")):
             for m in loop.metrics:
                 value = record.get(prefix + m.name)
-                if value is not None: self.writers[phase].add_scalar(f"epoch_{m.name}", value, record["epoch"])
+                if value is not None: self.writers[phase].add_scalar(f"epoch_{m.name}", value, at)
         self.flush()
 
     def flush(self) -> None:

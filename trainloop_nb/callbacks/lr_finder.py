@@ -297,11 +297,11 @@ def lr_find(loop: Any, model: torch.nn.Module, start_lr: float = 1e-7, end_lr: f
     # A loop of the loop's own class: this module never imports the loop, whose lr_find method imports it.
     finder = type(loop)(loop.training, None, loop.optimizer, loss_func=loop.loss_func,
                         callbacks=[test, *callbacks], include_default_callbacks=False)
-    # Enough epochs for num_steps steps (the test ends the fit at its last rate): at least one step each. The data's
-    # len() cannot tell more, since under torchrun each rank gets only its share of the batches it counts.
-    epochs = int(num_steps)
+    # num_steps steps, over as many epochs as they take (the test also ends the fit at its last rate); a run's own
+    # length in steps (max_steps, validate_every) is not the test's
+    for name in ("epochs", "max_steps", "validate_every"): fit_options.pop(name, None)
     snapshot = _Snapshot(model, loop.optimizer, loop.training)
-    try: finder.fit(model, epochs=epochs, device=device, **fit_options)
+    try: finder.fit(model, max_steps=int(num_steps), device=device, **fit_options)
     finally: snapshot.restore(model, loop.optimizer, loop.training)
     result = test.result()
     if result.reason is not None: warnings.warn(f"lr_find has no suggestion: {result.reason}", stacklevel=2)

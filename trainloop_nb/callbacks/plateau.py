@@ -93,7 +93,7 @@ class ReduceLROnPlateau(Callback):
                 group["lr"] = _scaled(group["lr"], self.scales[i], self._floors[i])
                 self._marks[i] = _mark(group["lr"])
 
-    def epoch_end(self, loop) -> None: self.check(loop)
+    def record_added(self, loop) -> None: self.check(loop)  # each record: per epoch, or per validation
 
     def check(self, loop) -> bool:
         "Act on the newest record of `loop.history`: reduce the rates if it ends a plateau; returns whether they were."

@@ -26,9 +26,9 @@ def format_value(value: Any) -> str:
     return str(value)
 
 def table_columns(loop) -> list[str]:
-    "The epoch table's columns: epoch, train and validation metrics (loss first), time."
+    "The table's columns: epoch (and step, validating every N steps), train and validation metrics (loss first), time."
     names = [m.name for m in loop.metrics]
-    columns = ["epoch"] + [f"train_{n}" for n in names]
+    columns = ["epoch"] + (["step"] if getattr(loop, "validate_every", None) else []) + [f"train_{n}" for n in names]
     if loop.validation is not None: columns += [f"valid_{n}" for n in names]
     return columns + ["time"]
 
@@ -40,7 +40,7 @@ def table_row(record: dict, columns: list[str]) -> list[str]:
 _TRAINING = Phase.training  # looked up once: reading a member off an Enum class costs ~0.2 µs on Python 3.11
 
 class ProgressPrinter(Callback):
-    "Progress bars per phase under an epoch bar, and one table row per epoch (HTML, terminal or plain lines)."
+    "Progress bars per phase under an epoch bar, and one table row per `history` record (HTML, terminal or plain lines)."
     order = Order.display
 
     def __init__(self, mode: str | None = None, refresh: float = 0.5, file: TextIO | None = None):
@@ -80,7 +80,7 @@ class ProgressPrinter(Callback):
             self.rows.append(row)
             if self.master is not None: self.master.write(row, table=True)
             else: self._print(self._aligned(row))
-        if self.master is not None and loop.history: self.master.update(len(loop.history))
+        if self.master is not None and loop.history: self.master.update(loop.epoch_index)
         if loop.step and self.master is None:  # a new fit starts at step 0: this one continues a run
             self._print(f"resumed at step {loop.step}, in epoch {loop.epoch_index + 1}")
 
@@ -120,8 +120,7 @@ class ProgressPrinter(Callback):
         if self.bar is not None and getattr(self.bar, "last_v", None) is not None: self.bar.on_iter_end()
         self.bar = None
 
-    def epoch_end(self, loop) -> None:
-        if not loop.history: return
+    def record_added(self, loop) -> None:  # a row per record: per epoch, or per validation with validate_every
         row = table_row(loop.history[-1], self.columns)
         self.rows.append(row)
         if self.master is not None: self.master.write(row, table=True)

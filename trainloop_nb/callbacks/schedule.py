@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from ..core import Callback
+from ..steps import batches_per_epoch, run_length
 
 # %% auto #0
 __all__ = ['linear', 'cosine', 'exponential', 'constant', 'Shape', 'ScheduleSegment', 'Schedule', 'ScheduleFunction',
@@ -309,7 +310,7 @@ class LearningRateScheduler(Callback):
 
     def fit_start(self, loop) -> None:
         self._in_fit = True
-        self.epoch_count, self.batches_per_epoch = loop.epoch_count, _batches_per_epoch(loop.training)
+        self.epoch_count, self.batches_per_epoch = loop.epoch_count, batches_per_epoch(loop)
         groups = loop.optimizer.param_groups
         if self._resumed and self.found_rates is not None:  # a checkpointed run: its rates, record and length
             _check_group_count(self.found_rates, groups)
@@ -323,7 +324,8 @@ class LearningRateScheduler(Callback):
 
     def _fit_steps(self, loop) -> int | None:
         if self.total_steps is not None: return self.total_steps
-        if self.batches_per_epoch is not None: return loop.epoch_count * self.batches_per_epoch
+        steps = run_length(loop, self.batches_per_epoch)  # with max_steps, the run's length in steps (see `steps`)
+        if steps is not None: return steps
         if isinstance(self.schedule_fn, Schedule): return None  # it has its own length
         raise TypeError(f"LearningRateScheduler needs the fit's total number of steps, but the training data "
                         f"({type(loop.training).__name__}) has no len(); pass it: "
@@ -524,11 +526,12 @@ class OneCycleScheduler(Callback):
 
     def _fit_steps(self, loop) -> int:
         if self.total_steps is not None: return self.total_steps
-        batches = _batches_per_epoch(loop.training)
-        if batches is None:
+        batches = batches_per_epoch(loop)
+        steps = run_length(loop, None if batches is None else math.ceil(batches / getattr(loop, "accumulate_steps", 1)))
+        if steps is None:  # with max_steps, the run's length in steps (see `steps`)
             raise TypeError(f"OneCycleScheduler needs the fit's total number of steps, but the training data "
-                            f"({type(loop.training).__name__}) has no len(); pass total_steps=")
-        return loop.epoch_count * math.ceil(batches / getattr(loop, "accumulate_steps", 1))
+                            f"({type(loop.training).__name__}) has no len(); pass total_steps= or fit(max_steps=...)")
+        return steps
 
     def _start_cycles(self) -> None:
         "Each group's rates: its own peak, or the first group's peak times the ratio of the rates found at fit_start."

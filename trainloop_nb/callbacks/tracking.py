@@ -64,6 +64,7 @@ def _plain_param(value: Any) -> bool:
 
 class MLflowLogger(Callback):
     "Records a fit as an MLflow run: its options and hyperparameters, every `history` record, and per-step values."
+    writes_files = True  # fit(..., fast_dev_run=True) leaves it out
 
     def __init__(self, tracking_uri: str | os.PathLike = "sqlite:///run/mlflow.db", experiment: str = "trainloop",
                  run_name: str | None = None, batch_metrics: bool = True, flush_secs: float = 0.5,
@@ -118,6 +119,8 @@ class MLflowLogger(Callback):
         run = self.client.create_run(self._experiment_id(), run_name=self.run_name)
         params = {"epochs": loop.epoch_count, "precision": loop.precision, "accumulate_steps": loop.accumulate_steps,
                   "compile": loop.compile, "optimizer": type(loop.optimizer).__name__}
+        steps = {k: getattr(loop, k, None) for k in ("max_steps", "validate_every")}
+        params.update({k: v for k, v in steps.items() if v is not None})  # a run counted in steps
         group = loop.optimizer.param_groups[0]  # the first group's hyperparameters, as they are at the start
         params.update({k: v for k, v in group.items() if k != "params" and _plain_param(v)})
         self.client.log_batch(run.info.run_id, params=[self._param(k, str(v)) for k, v in params.items()])
@@ -148,11 +151,11 @@ class MLflowLogger(Callback):
         self._pending.append((loop.step, _now_ms(), loss, loop.learning_rate, values))
         if self.clock() >= self._next_flush: self.flush()
 
-    def epoch_end(self, loop) -> None:
-        if not loop.history: return
-        record = loop.history[-1]  # step = the epoch number, as in CSVLogger's and TensorBoard's epoch values
-        self._records += [self._metric(key, float(value), _now_ms(), record["epoch"]) for key, value in record.items()
-                          if key not in ("epoch", "time") and isinstance(value, (int, float))]
+    def record_added(self, loop) -> None:
+        record = loop.history[-1]  # MLflow step: the epoch's number, or the record's step validating every N steps
+        at = record.get("step", record["epoch"])
+        self._records += [self._metric(key, float(value), _now_ms(), at) for key, value in record.items()
+                          if key not in ("epoch", "step", "time") and isinstance(value, (int, float))]
         self.flush()
 
     def flush(self) -> None:
