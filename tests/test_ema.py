@@ -14,6 +14,7 @@ from trainloop_nb.callbacks.ema import EMA
 from trainloop_nb.core import Callback, Event
 from trainloop_nb.data import TrainingEpochs, ValidationBatches
 from trainloop_nb.loop import TrainingLoop
+from toy_runs import InterruptAt as RaiseAt
 
 # Resumed fits below leave the Checkpoint out or keep it; the warning that its state goes unused is not ours.
 pytestmark = pytest.mark.filterwarnings("ignore:.*holds the state of a callback Checkpoint:UserWarning")
@@ -116,17 +117,6 @@ def test_validation_runs_on_the_averages_and_training_goes_on_from_its_own_weigh
         with torch.no_grad():
             losses = [torch.nn.functional.cross_entropy(averaged(x), y, reduction="sum") for x, y in loop.validation]
         assert history[epoch]["valid_loss"] == pytest.approx((sum(losses) / 10).item(), rel=1e-5)
-
-
-class RaiseAt(Callback):
-    "Raises `error` the `n`-th time `event` fires (counting from 1); order 50, before EMA (60) and Checkpoint (100)."
-    order = 50
-    def __init__(self, event: Event, n: int, error=KeyboardInterrupt):
-        self.event, self.n, self.error, self.count = event, n, error, 0
-        setattr(self, event.value, self._maybe)
-    def _maybe(self, loop):
-        self.count += 1
-        if self.count == self.n: raise self.error()
 
 
 def test_after_an_error_the_model_keeps_its_training_weights_and_copy_to_gives_the_averages():

@@ -31,6 +31,7 @@ from trainloop_nb.callbacks.schedule import LearningRateScheduler, ScheduleSegme
 from trainloop_nb.core import Callback, Event
 from trainloop_nb.data import TrainingEpochs, ValidationBatches
 from trainloop_nb.loop import TrainingLoop, mean_squared_error, sigmoid_cross_entropy
+from toy_runs import InterruptAt
 
 from host_reads import count_host_reads
 
@@ -91,19 +92,6 @@ def reference(tmp_path_factory):
     return {"weights": copy.deepcopy(model.state_dict()), "optimizer": copy.deepcopy(loop.optimizer.state_dict()),
             "history": without_time(history), "csv": (directory / "log.csv").read_text(), "events": seen,
             "step": loop.step}
-
-
-class InterruptAt(Callback):
-    "Raises `error` at the `n`-th time `event` fires (counting from 1): after the loggers (order 0), before Checkpoint (100)."
-    order = 50  # handlers after one that raises do not see the event, as with any error: the CSV row is written first
-
-    def __init__(self, event: Event, n: int, error=KeyboardInterrupt):
-        self.event, self.n, self.error, self.count = event, n, error, 0
-        setattr(self, event.value, self._maybe)
-
-    def _maybe(self, loop):
-        self.count += 1
-        if self.count == self.n: raise self.error()
 
 
 def interruption_points(events):

@@ -10,6 +10,7 @@ import shutil
 import torch
 
 from trainloop_nb.callbacks.progress import ProgressPrinter
+from trainloop_nb.core import Callback, Event
 from trainloop_nb.data import TrainingEpochs, ValidationBatches
 from trainloop_nb.loop import TrainingLoop
 
@@ -60,3 +61,16 @@ def display_modules_loaded_by(statement: str) -> list[str]:
 def cxx_compiler() -> str | None:
     "A C++ compiler torch.compile's CPU backend can use, or None."
     return next((c for c in ("g++", "c++", "clang++", "gcc", "cc") if shutil.which(c)), None)
+
+
+class InterruptAt(Callback):
+    "Raises `error` at the `n`-th time `event` fires (counting from 1): after the loggers (order 0), before EMA (60) and Checkpoint (100)."
+    order = 50  # handlers after one that raises do not see the event, as with any error: the CSV row is written first
+
+    def __init__(self, event: Event, n: int, error=KeyboardInterrupt):
+        self.event, self.n, self.error, self.count = event, n, error, 0
+        setattr(self, event.value, self._maybe)
+
+    def _maybe(self, loop):
+        self.count += 1
+        if self.count == self.n: raise self.error()
