@@ -316,13 +316,13 @@ def test_schedule_plot_is_shown(run, page):
 
 
 EVENTS = ["fit_start", "epoch_start", "training_start", "batch_start", "update_start", "inference_prediction_end",
-          "batch_end", "training_end", "validation_start", "validation_end", "epoch_end", "fit_end"]
+          "batch_end", "training_end", "validation_start", "validation_end", "record_added", "epoch_end", "fit_end"]
 
 
 def expected_counts(epochs: int, train: int, valid: int) -> dict[str, int]:
     "How often each event fires in a fit of `epochs` epochs with `train` and `valid` batches each."
     per_epoch = dict.fromkeys(["epoch_start", "training_start", "training_end", "validation_start",
-                               "validation_end", "epoch_end"], 1)
+                               "validation_end", "record_added", "epoch_end"], 1)
     per_epoch.update(batch_start=train + valid, batch_end=train + valid, update_start=train,
                      inference_prediction_end=valid)
     return {"fit_start": 1, "fit_end": 1, **{e: n * epochs for e, n in per_epoch.items()}}
@@ -366,13 +366,13 @@ def test_inspector_counts_change_while_the_fit_runs(run, page):
 def test_inspector_dropdown_and_checkbox_talk_to_the_kernel(run, page, output_dir):
     "The controls work in a real browser: the dropdown picks the timings table, a checkbox switches a callback off."
     out = outputs(page, "inspector")
-    out.locator("select").select_option("epoch_end")
-    # the batch_end table (the default) lists Gate; epoch_end's does not, and has one call per epoch
+    out.locator("select").select_option("record_added")
+    # the batch_end table (the default) lists Gate; record_added's does not, and has one call per epoch
     page.wait_for_function(f"() => !({READ_INSPECTOR_JS})().table.includes('Gate')", timeout=30_000)
     epochs = len(history_from_page(page))
     table = inspector_now(page)["table"]
     printer = next((l.split("\t") for l in table.splitlines() if l.startswith("ProgressPrinter")), None)
-    assert printer is not None and int(printer[1]) == epochs, f"epoch_end timings table: {table}"
+    assert printer is not None and int(printer[1]) == epochs, f"record_added timings table: {table}"
     rows = inspector_now(page)["rows"]
     gate = next(i for i, r in enumerate(rows) if r["name"] == "Gate")
     out.locator(".widget-gridbox input[type=checkbox]").nth(gate).click()
