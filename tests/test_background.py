@@ -119,23 +119,28 @@ def test_a_steered_learning_rate_resumes_bitwise_from_a_checkpoint_taken_after_i
     assert same(weights(model2), weights(model))
 
 
+class RateAt(Callback):
+    "The oracle: in a fit in front, every group's rate scaled so the first's is `rate` as training step `step` + 1 starts."
+    def __init__(self, step, rate): self.at, self.rate = step, rate
+    def batch_start(self, loop):
+        if loop.phase == "training" and loop.step == self.at:
+            change = self.rate / loop.optimizer.param_groups[0]["lr"]
+            for group in loop.optimizer.param_groups: group["lr"] *= change
+
+
 def test_a_rate_set_while_paused_and_then_stopped_is_kept_by_the_resume():
-    reference_loop, reference_model = toy()
-    run = start_background(reference_loop, reference_model, epochs=1)
-    run.pause()
-    paused_at = reference_loop.step
-    run.set_learning_rate(0.02)
-    run.resume()
-    run.wait()
+    "Paused wherever the pause lands, steered, stopped, resumed in front: the weights of a fit steered at that step."
     loop, model = toy()
     run = start_background(loop, model, epochs=1)
-    while loop.step < paused_at:  # pause at the same step
-        run.pause()
-        if loop.step < paused_at: run.resume()
+    run.pause()
+    paused_at = loop.step  # the loop waits between batches: no step can be made until resume() or stop()
     run.set_learning_rate(0.02)
     run.stop()
     run.wait()
-    loop.resume()
+    assert loop.step == paused_at  # stopped where it waited
+    loop.resume()  # the requested rate is applied as the next training batch starts, in this fit
+    reference_loop, reference_model = toy([RateAt(paused_at, 0.02)])
+    reference_loop.fit(reference_model, 1)
     assert same(weights(model), weights(reference_model))
 
 
