@@ -17,7 +17,23 @@ class LabNotebook:
     "The JavaScript that finds one notebook's panel and reads its cells and kernel, as a test's page evaluates it."
     def __init__(self, name: str):
         self.panel = _PANEL % json.dumps(name)
+        self.name = name
         self.mark_cells_js, self.state_js, self.kernel_js = (js % self.panel for js in (_MARK_CELLS, _STATE, _KERNEL))
+
+    def run_in_kernel(self, page, code: str) -> str:
+        "What `code` printed when run in the notebook's kernel (an error fails the test)."
+        out = page.evaluate(self.kernel_js, code).strip()
+        assert not out.startswith("ERROR"), out
+        return out
+
+    def page_fixture(self, height: int):
+        "A module-scoped `page` fixture: a browser page that has run every cell of the notebook (see `open_and_run`)."
+        @pytest.fixture(scope="module")
+        def page(lab_server, browser, output_dir):
+            context, page = open_and_run(browser, lab_server, self, self.name, output_dir, height=height)
+            yield page
+            context.close()
+        return page
 
 
 _PANEL = """(() => {

@@ -6,12 +6,11 @@ as Ctrl-C would, and a page reload shows the live bars again. Screenshots go to 
 from __future__ import annotations
 
 import re
-import time
 from pathlib import Path
 
 import pytest
 
-from lab_notebook import LabNotebook, cell, open_and_run
+from lab_notebook import LabNotebook, cell
 
 HERE = Path(__file__).parent
 NOTEBOOK = HERE / "background_under_test.ipynb"
@@ -19,17 +18,7 @@ LAB = LabNotebook(NOTEBOOK.name)
 WAIT = 60_000  # ms
 
 
-@pytest.fixture(scope="module")
-def page(lab_server, browser, output_dir):
-    context, page = open_and_run(browser, lab_server, LAB, NOTEBOOK.name, output_dir, height=1200)
-    yield page
-    context.close()
-
-
-def kernel(page, code: str) -> str:
-    out = page.evaluate(LAB.kernel_js, code).strip()
-    assert not out.startswith("ERROR"), out
-    return out
+page = LAB.page_fixture(height=1200)
 
 
 def shown_step(page) -> int:
@@ -38,10 +27,9 @@ def shown_step(page) -> int:
 
 
 def wait_for_step_past(page, step: int) -> None:
-    deadline = time.monotonic() + WAIT / 1000
-    while shown_step(page) <= step:
-        assert time.monotonic() < deadline, f"the step counter stayed at {step}"
-        time.sleep(0.2)  # polling the page, not synchronising the code under test
+    "Until the step counter under the bars shows more than `step` (Playwright waits on the page's own updates)."
+    page.wait_for_function(f"""() => {{ const e = document.querySelector('[data-browser-test="start"] .trainloop-step');
+        const m = e && /step (\\d+)/.exec(e.innerText); return m && Number(m[1]) > {step}; }}""", timeout=WAIT)
 
 
 def status(page):
@@ -60,8 +48,8 @@ def test_buttons_pause_resume_and_stop_the_fit_while_the_kernel_stays_free(page,
     page.wait_for_function("() => document.querySelector('[data-browser-test=\"start\"] .trainloop-status')"
                            ".innerText.startsWith('paused')", timeout=WAIT)
     paused = shown_step(page)
-    assert int(kernel(page, "print(loop.step)")) == paused  # the kernel answers while the fit waits
-    assert int(kernel(page, "print(loop.step)")) == paused and shown_step(page) == paused
+    assert int(LAB.run_in_kernel(page, "print(loop.step)")) == paused  # the kernel answers while the fit waits
+    assert int(LAB.run_in_kernel(page, "print(loop.step)")) == paused and shown_step(page) == paused
     bars.screenshot(path=output_dir / "02_paused.png")
 
     cell(page, "start").locator(".trainloop-resume").click()
@@ -71,13 +59,13 @@ def test_buttons_pause_resume_and_stop_the_fit_while_the_kernel_stays_free(page,
     cell(page, "start").locator(".trainloop-stop").click()
     page.wait_for_function("() => document.querySelector('[data-browser-test=\"start\"] .trainloop-status')"
                            ".innerText.startsWith('stopped')", timeout=WAIT)
-    assert kernel(page, "print(run.done, type(loop.exception).__name__, len(run.wait()) == len(loop.history))") \
-        == "True KeyboardInterrupt True"
+    ended = "print(run.done, type(loop.exception).__name__, len(run.wait()) == len(loop.history))"
+    assert LAB.run_in_kernel(page, ended) == "True KeyboardInterrupt True"
     bars.screenshot(path=output_dir / "03_stopped.png")
 
 
 def test_the_live_bars_show_again_after_a_page_reload(page, output_dir):
-    stopped_at = int(kernel(page, "print(loop.step)"))
+    stopped_at = int(LAB.run_in_kernel(page, "print(loop.step)"))
     page.evaluate("() => window.jupyterapp.commands.execute('docmanager:save')")  # the outputs hold the widget's id
     page.wait_for_function(f"() => !({LAB.panel}).context.model.dirty", timeout=WAIT)
     page.reload()

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from lab_notebook import LabNotebook, cell, open_and_run
+from lab_notebook import LabNotebook, cell
 
 HERE = Path(__file__).parent
 NOTEBOOK = HERE / "compare_under_test.ipynb"
@@ -22,16 +22,10 @@ PLOT_SRC_JS = """() => { const img = document.querySelector('[data-browser-test=
 
 def shown(page) -> dict:
     "What the kernel's figure shows now: its axes' titles and the labels of its lines."
-    out = page.evaluate(LAB.kernel_js, "print(json.dumps(shown()))").strip()
-    assert not out.startswith("ERROR"), out
-    return json.loads(out)
+    return json.loads(LAB.run_in_kernel(page, "print(json.dumps(shown()))"))
 
 
-@pytest.fixture(scope="module")
-def page(lab_server, browser, output_dir):
-    context, page = open_and_run(browser, lab_server, LAB, NOTEBOOK.name, output_dir, height=1400)
-    yield page
-    context.close()
+page = LAB.page_fixture(height=1400)
 
 
 def test_the_picker_redraws_what_is_chosen_in_the_page(page, output_dir):

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from lab_notebook import LabNotebook, cell, open_and_run
+from lab_notebook import LabNotebook, cell
 
 HERE = Path(__file__).parent
 NOTEBOOK = HERE / "looking_inside_under_test.ipynb"
@@ -27,11 +27,7 @@ def printed(page, key: str):
     return json.loads(line[len(key) + 1:])
 
 
-@pytest.fixture(scope="module")
-def page(lab_server, browser, output_dir):
-    context, page = open_and_run(browser, lab_server, LAB, NOTEBOOK.name, output_dir, height=1600)
-    yield page
-    context.close()
+page = LAB.page_fixture(height=1600)
 
 
 def test_summary_table_renders(page, output_dir):
@@ -75,7 +71,7 @@ def test_designer_plot_follows_edits_and_code_reflects_them(page, output_dir):
     end.press("Enter")
     page.wait_for_function(f"(before) => ({PLOT_SRC_JS})() !== before", arg=before, timeout=30_000)
     designer.screenshot(path=output_dir / "designer_edited.png")
-    code = page.evaluate(LAB.kernel_js, "print(designer.code())").strip()
+    code = LAB.run_in_kernel(page, "print(designer.code())")
     assert code == ("make_schedule([ScheduleSegment(linear, start_rate=0.0, end_rate=0.05, step_count=11), "
                     "ScheduleSegment(cosine, end_rate=0.0)])"), code
     assert "0.05" in designer.locator(".designer-code").inner_text()
@@ -88,5 +84,5 @@ def test_designer_plot_follows_edits_and_code_reflects_them(page, output_dir):
                            ".innerText.includes('cannot end at 0')", timeout=30_000)
     assert "exponential" in message.inner_text()
     page.wait_for_function(f"(before) => ({PLOT_SRC_JS})() !== before", arg=valid_plot, timeout=30_000)  # greyed
-    assert page.evaluate(LAB.kernel_js, "print(designer.error is not None)").strip() == "True"
+    assert LAB.run_in_kernel(page, "print(designer.error is not None)") == "True"
     designer.screenshot(path=output_dir / "designer_refused.png")
