@@ -13,8 +13,8 @@ import torch
 # %% auto #0
 __all__ = ['DEFAULT_CALLBACKS', 'default_device', 'to_device', 'data_length', 'Event', 'Phase', 'CancelException', 'CancelBatch',
            'CancelTraining', 'CancelValidation', 'CancelEpoch', 'CancelFit', 'Order', 'Callback',
-           'register_default_callback', 'callback_name', 'event_handlers', 'main_process_only', 'add_note',
-           'note_callback_error']
+           'register_default_callback', 'callback_name', 'event_handlers', 'main_process_only', 'flush_at_fit_end',
+           'add_note', 'note_callback_error']
 
 # %% ../nbs/00_core.ipynb #0448b874
 def default_device(device: str | torch.device | None = None) -> torch.device:
@@ -159,6 +159,13 @@ def main_process_only(callback: Any, loop: Any) -> bool:
     if getattr(loop, "rank", 0) == 0: return True
     loop.set_enabled(callback, False)
     return False
+
+# %% ../nbs/00_core.ipynb #5f41f5d1
+def flush_at_fit_end(loop: Any, flush: Callable[[], Any]) -> None:
+    "At `fit_end`: `flush()`; after a failed fit (`loop.exception` set) an error of the flush itself is dropped."
+    if loop.exception is None: return flush()
+    try: flush()
+    except Exception: pass  # the device may be what failed: keep what is already written
 
 # %% ../nbs/00_core.ipynb #f75ab467
 def add_note(error: BaseException, note: str) -> None:

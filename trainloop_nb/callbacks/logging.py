@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from ..core import Callback, Phase, main_process_only
+from ..core import Callback, Phase, flush_at_fit_end, main_process_only
 
 # %% auto #0
 __all__ = ['CSVLogger', 'TensorBoardLogger']
@@ -202,11 +202,7 @@ class TensorBoardLogger(Callback):
         self._next_flush = time.monotonic() + self.flush_secs
 
     def fit_end(self, loop) -> None:
-        try:
-            if loop.exception is None: self.flush()
-            else:
-                try: self.flush()
-                except Exception: pass  # the device may be what failed: keep what is already written
+        try: flush_at_fit_end(loop, self.flush)
         finally:
             for writer in self.writers.values(): writer.close()
             self.writers, self._pending = {}, []

@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 import torch
 
-from ..core import Callback, Phase, main_process_only
+from ..core import Callback, Phase, flush_at_fit_end, main_process_only
 
 # %% auto #0
 __all__ = ['tracking_uri_of', 'sqlite_file_of', 'MLflowLogger']
@@ -186,11 +186,7 @@ class MLflowLogger(Callback):
 
     def fit_end(self, loop) -> None:
         if self.run_id is None: return  # another rank, or fit_start failed before the run began
-        try:
-            if loop.exception is None: self._flush_and_wait()
-            else:
-                try: self._flush_and_wait()
-                except Exception: pass  # the device may be what failed: keep what is already written
+        try: flush_at_fit_end(loop, self._flush_and_wait)
         finally:
             self._writer.shutdown(wait=True)  # every write handed over is done before the run ends
             self._pending, self._records, self._writes = [], [], []
