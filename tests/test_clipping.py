@@ -10,7 +10,8 @@ from host_reads import count_host_reads
 from trainloop_nb.callbacks.clipping import GradientClipping
 from trainloop_nb.core import Callback
 from trainloop_nb.data import TrainingEpochs
-from trainloop_nb.loop import TrainingLoop, mean_squared_error
+from trainloop_nb.loop import TrainingLoop
+from trainloop_nb.losses import mean_squared_error
 
 
 def make_loop(callbacks, batches=4, lr=0.1, seed=0):

@@ -9,7 +9,8 @@ import torch
 from trainloop_nb.callbacks.checkpoint import Checkpoint
 from trainloop_nb.data import TrainingEpochs
 from trainloop_nb.explain import explain_nonfinite
-from trainloop_nb.loop import TrainingLoop, mean_squared_error, softmax_cross_entropy
+from trainloop_nb.loop import TrainingLoop
+from trainloop_nb.losses import mean_squared_error, softmax_cross_entropy
 
 
 class Exp(torch.nn.Module):

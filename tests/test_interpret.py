@@ -13,7 +13,8 @@ from torch import nn
 from host_reads import count_host_reads
 from trainloop_nb.data import Digits, ValidationBatches
 from trainloop_nb.interpret import Interpretation, SampleTable, interpret_loop, interpret_model
-from trainloop_nb.loop import TrainingLoop, mean_squared_error, sigmoid_cross_entropy, softmax_cross_entropy
+from trainloop_nb.loop import TrainingLoop
+from trainloop_nb.losses import mean_squared_error, sigmoid_cross_entropy, softmax_cross_entropy
 from trainloop_nb.models import LeNet
 
 

@@ -11,7 +11,8 @@ from trainloop_nb.callbacks.lr_finder import (LRFinderResult, lr_find, range_tes
                                               steepest_index, valley_index)
 from trainloop_nb.core import Callback
 from trainloop_nb.data import Digits, TrainingEpochs
-from trainloop_nb.loop import TrainingLoop, mean_squared_error
+from trainloop_nb.loop import TrainingLoop
+from trainloop_nb.losses import mean_squared_error
 from trainloop_nb.models import LeNet
 
 

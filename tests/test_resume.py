@@ -30,7 +30,8 @@ from trainloop_nb.callbacks.progress import ProgressPrinter, format_value
 from trainloop_nb.callbacks.schedule import LearningRateScheduler, ScheduleSegment, cosine, linear
 from trainloop_nb.core import Callback, Event
 from trainloop_nb.data import TrainingEpochs, ValidationBatches
-from trainloop_nb.loop import TrainingLoop, mean_squared_error, sigmoid_cross_entropy
+from trainloop_nb.loop import TrainingLoop
+from trainloop_nb.losses import mean_squared_error, sigmoid_cross_entropy
 from toy_runs import InterruptAt
 
 from host_reads import count_host_reads

@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from trainloop_nb.core import Callback
-from trainloop_nb.loop import TrainingLoop, mean_squared_error
+from trainloop_nb.loop import TrainingLoop
+from trainloop_nb.losses import mean_squared_error
 from trainloop_nb.callbacks.schedule import (LearningRateScheduler, Schedule, ScheduleFunction, ScheduleSegment, Shape,
                                    constant, cosine, exponential, linear, make_schedule, plot_schedule)
 

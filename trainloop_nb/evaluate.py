@@ -13,7 +13,7 @@ from typing import Any, Callable, Iterable, Iterator
 import torch
 import torch.distributed as dist
 
-from .batches import ModelInputs, call_model, describe_batch, logits_of, mapping_on_device, metric_output
+from .batches import call_model, describe_batch, logits_of, mapping_on_device, metric_output
 from .core import (CancelBatch, CancelException, CancelValidation, Event, Phase, add_note, data_length,
                                event_handlers, note_callback_error, to_device)
 from .distributed import in_distributed_run, join_process_group, prepare_metrics, shard_data, sum_over_ranks

@@ -7,17 +7,15 @@ from __future__ import annotations
 
 import copy
 import math
-import random
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
-import numpy as np
 import torch
 
 from .callbacks.checkpoint import Checkpoint, checkpoint_step, list_checkpoints, load_checkpoint
 from .core import Callback, CancelFit
-from .run_state import data_generators, has_state
+from .run_state import data_generators, has_state, rng_state, set_rng_state
 
 # %% auto #0
 __all__ = ['NonfiniteReport', 'input_stats', 'state_before', 'explain_nonfinite']
@@ -177,16 +175,14 @@ class _SavedRandomness:
     def __init__(self, loop: Any): self.loop = loop
 
     def __enter__(self):
-        self.torch, self.numpy, self.random = torch.get_rng_state(), np.random.get_state(), random.getstate()
+        self.rng = rng_state(None)  # torch's CPU generator, numpy's and random's
         self.cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
         self.data = [(d, d.state_dict()) for d in (self.loop.training, self.loop.validation) if has_state(d)]
         self.generators = [(g, g.get_state()) for d in (self.loop.training, self.loop.validation) for g in data_generators(d)]
         return self
 
     def __exit__(self, *exc) -> None:
-        torch.set_rng_state(self.torch)
-        np.random.set_state(self.numpy)
-        random.setstate(self.random)
+        set_rng_state(self.rng, None)
         if self.cuda is not None: torch.cuda.set_rng_state_all(self.cuda)
         for data, state in self.data: data.load_state_dict(state)
         for generator, state in self.generators: generator.set_state(state)

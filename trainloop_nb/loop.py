@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import copy
 import math
-import numbers
 import os
-import time
 import warnings
 from collections.abc import Iterator
 from functools import partial
@@ -23,7 +21,8 @@ from .core import (DEFAULT_CALLBACKS, CancelBatch, CancelEpoch, CancelException,
                                CancelTraining, CancelValidation, Event, Phase, add_note, data_length,
                                event_handlers, note_callback_error, to_device)
 from .distributed import Placement, fit_device, note_fit_ended, sum_over_ranks
-from .losses import (check_loss, check_loss_func, mean_squared_error, sigmoid_cross_entropy,
+# the losses are re-exported here too: `from trainloop_nb.loop import mean_squared_error` (the first builds') works
+from .losses import (check_loss, check_loss_func, mean_squared_error, sigmoid_cross_entropy,  # noqa: F401
                                  softmax_cross_entropy)
 from .metrics import Metric, make_metrics
 from .nonfinite import NonfiniteWatch, nonfinite_error

@@ -8,7 +8,7 @@ from __future__ import annotations
 import itertools
 import math
 import numbers
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterator
 
 from .core import data_length
 
